@@ -1,0 +1,301 @@
+//! Reading a config file: parse, check the schema, validate, and report every problem with
+//! file:line:column, the field path and a did-you-mean.
+//!
+//! `remora validate`, startup and every reload go through [`load_file`] / [`parse`], so a
+//! file that validates is a file that loads.
+
+pub mod compile;
+pub mod duration;
+pub mod locate;
+pub mod raw;
+mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+use serde_yaml_ng::Value;
+
+use self::locate::{render_path, Pos, Seg, SourceMap};
+pub use self::raw::RawConfig;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (or `<embedded>`, `<xds>`) the config came from.
+    pub file: String,
+    /// Where in the file, when known.
+    pub pos: Option<Pos>,
+    /// The field path, e.g. `route_configs[0].virtual_hosts[1].routes[2].cluster`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// A likely intended spelling.
+    pub did_you_mean: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pos {
+            Some(p) => write!(f, "{}:{}:{}: ", self.file, p.line, p.column)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(hint) = &self.did_you_mean {
+            write!(f, " (did you mean `{hint}`?)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in one config file; never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and checks a config file. Returns the parsed config and the text it came from.
+pub fn load_file(path: &Path) -> Result<(RawConfig, String), ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            pos: None,
+            path: String::new(),
+            message: format!("cannot read config file: {e}"),
+            did_you_mean: None,
+        }])
+    })?;
+    let raw = parse(&text, &file)?;
+    Ok((raw, text))
+}
+
+/// Parses and validates config text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigErrors> {
+    let at = |pos: Option<Pos>, path: &[Seg], message: String, did_you_mean: Option<String>| {
+        ConfigError {
+            file: file.to_string(),
+            pos,
+            path: render_path(path),
+            message,
+            did_you_mean,
+        }
+    };
+    let mut value: Value = match serde_yaml_ng::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let pos = e.location().map(|l| Pos {
+                line: l.line(),
+                column: l.column(),
+            });
+            return Err(ConfigErrors(vec![at(
+                pos,
+                &[],
+                format!("invalid YAML: {e}"),
+                None,
+            )]));
+        }
+    };
+    if value.is_null() {
+        value = Value::Mapping(Default::default());
+    }
+    let source = SourceMap::parse(text);
+    let mut errors = Vec::new();
+
+    // Schema: serde stops at the first error, so report it, cut the offending field out of
+    // the tree and try again, until the tree deserializes or the error cannot be cut out.
+    let mut raw = None;
+    for _ in 0..200 {
+        match serde_path_to_error::deserialize::<_, RawConfig>(value.clone()) {
+            Ok(r) => {
+                raw = Some(r);
+                break;
+            }
+            Err(e) => {
+                let mut path = segments(e.path());
+                let message = e.inner().to_string();
+                let (message, hint) = explain(&message, &mut path);
+                errors.push(at(source.locate(&path), &path, message, hint));
+                if !remove_at(&mut value, &path) {
+                    break;
+                }
+            }
+        }
+    }
+    let Some(raw) = raw else {
+        return Err(ConfigErrors(errors));
+    };
+    if !errors.is_empty() {
+        // The schema errors were all in cut-out fields; the rest is still worth checking.
+        for p in validate::validate(&raw) {
+            errors.push(at(
+                source.locate(&p.path),
+                &p.path,
+                p.message,
+                p.did_you_mean,
+            ));
+        }
+        return Err(ConfigErrors(errors));
+    }
+    let problems = validate::validate(&raw);
+    if problems.is_empty() {
+        Ok(raw)
+    } else {
+        Err(ConfigErrors(
+            problems
+                .into_iter()
+                .map(|p| at(source.locate(&p.path), &p.path, p.message, p.did_you_mean))
+                .collect(),
+        ))
+    }
+}
+
+fn segments(path: &serde_path_to_error::Path) -> Vec<Seg> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(Seg::Index(*index)),
+            Segment::Map { key } => Some(Seg::Key(key.clone())),
+            Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// Rewrites serde's message for people and finds a did-you-mean in serde's list of
+/// expected names. For an unknown field, the path is extended to point at the field.
+fn explain(message: &str, path: &mut Vec<Seg>) -> (String, Option<String>) {
+    let ticked: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or_default().to_string();
+        if path.last() != Some(&Seg::Key(field.clone())) {
+            path.push(Seg::Key(field.clone()));
+        }
+        let hint = did_you_mean(&field, ticked.iter().skip(1).copied());
+        return (format!("unknown field `{field}`"), hint);
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let variant = rest.split('`').next().unwrap_or_default();
+        let expected = ticked
+            .iter()
+            .skip(1)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let hint = did_you_mean(variant, ticked.iter().skip(1).copied());
+        return (
+            format!("unknown value `{variant}`, expected one of {expected}"),
+            hint,
+        );
+    }
+    (message.to_string(), None)
+}
+
+/// Removes the value at `path` from a mapping; false when that is not possible.
+fn remove_at(value: &mut Value, path: &[Seg]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for seg in parents {
+        let next = match seg {
+            Seg::Key(k) => node.get_mut(k.as_str()),
+            Seg::Index(i) => node.get_mut(*i),
+        };
+        match next {
+            Some(n) => node = n,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Seg::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
+        _ => false,
+    }
+}
+
+/// The closest candidate to `word` within a small edit distance.
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    let limit = (word.len() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.to_string())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(row[j + 1])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_names_only() {
+        assert_eq!(
+            did_you_mean("clustr", ["cluster", "routes"]),
+            Some("cluster".into())
+        );
+        assert_eq!(did_you_mean("zzz", ["cluster", "routes"]), None);
+    }
+
+    #[test]
+    fn reports_every_unknown_field_with_position() {
+        let text = "listeners:\n  - name: a\n    adress: 127.0.0.1:1\n    address: 127.0.0.1:2\n    route_config: r\n    protocl: auto\nroute_configs:\n  - name: r\n    virtual_hosts: []\n";
+        let errs = parse(text, "t.yaml").unwrap_err().0;
+        let shown: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(shown.len(), 2, "{shown:#?}");
+        assert_eq!(
+            shown[0],
+            "t.yaml:3:5: listeners[0].adress: unknown field `adress` (did you mean `address`?)"
+        );
+        assert_eq!(
+            shown[1],
+            "t.yaml:6:5: listeners[0].protocl: unknown field `protocl` (did you mean `protocol`?)"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_have_a_position() {
+        let errs = parse("listeners: [\n  {name: a\n", "bad.yaml")
+            .unwrap_err()
+            .0;
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].pos.is_some(), "{}", errs[0]);
+        assert!(errs[0].to_string().starts_with("bad.yaml:"));
+    }
+}

@@ -1,0 +1,231 @@
+//! Turns a validated [`RawConfig`] into a runtime [`Snapshot`]: defaults applied, regexes and
+//! domain maps built, cluster references resolved to `Arc`s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+
+use super::raw::*;
+use crate::cluster::balance::Schedule;
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::router::{
+    full_match_regex, Action, HeaderMatch, HeaderMatcher, HeaderOp, PathMatch, Route, RouteTable,
+    VirtualHost, WeightedClusters,
+};
+use crate::snapshot::{ListenerSettings, Snapshot, DEFAULT_ADMIN_ADDRESS};
+
+/// Default route `timeout`.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default listener limits.
+pub const DEFAULT_MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
+pub const DEFAULT_MAX_REQUEST_HEADERS_COUNT: usize = 100;
+pub const DEFAULT_REQUEST_HEADERS_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+
+/// Where a config came from and which version it becomes.
+pub struct Origin {
+    pub version: u64,
+    pub source: String,
+    pub hash: String,
+}
+
+/// Compiles `raw`, which must have passed validation. A cluster whose config is unchanged
+/// from `previous` is carried over whole (pools, endpoints and all).
+pub fn compile(
+    raw: RawConfig,
+    origin: Origin,
+    metrics: &Metrics,
+    previous: Option<&Snapshot>,
+) -> Snapshot {
+    let mut clusters = BTreeMap::new();
+    for c in &raw.clusters {
+        let reused = previous
+            .and_then(|p| p.clusters.get(&c.name))
+            .filter(|old| old.raw == *c)
+            .cloned();
+        let cluster = reused.unwrap_or_else(|| Cluster::new(c, metrics.cluster(&c.name)));
+        clusters.insert(c.name.clone(), cluster);
+    }
+    let route_tables: HashMap<String, Arc<RouteTable>> = raw
+        .route_configs
+        .iter()
+        .map(|rc| (rc.name.clone(), Arc::new(route_table(rc, &clusters))))
+        .collect();
+    let listeners = raw.listeners.iter().map(|l| listener(l, metrics)).collect();
+    let admin_address = raw
+        .admin
+        .as_ref()
+        .map_or(DEFAULT_ADMIN_ADDRESS, |a| a.address.as_str())
+        .parse()
+        .expect("validated admin address");
+    let workers = raw.workers;
+    Snapshot::new(
+        origin.version,
+        origin.source,
+        origin.hash,
+        raw,
+        admin_address,
+        workers,
+        listeners,
+        clusters,
+        &route_tables,
+    )
+}
+
+fn listener(l: &RawListener, metrics: &Metrics) -> ListenerSettings {
+    let nonzero = |d: Option<super::duration::Dur>, default: Duration| {
+        let d = d.map_or(default, |d| d.0);
+        (!d.is_zero()).then_some(d)
+    };
+    ListenerSettings {
+        name: l.name.as_str().into(),
+        address: l.address.parse().expect("validated listener address"),
+        protocol: l.protocol,
+        route_config: l.route_config.clone(),
+        max_request_headers_bytes: l
+            .max_request_headers_bytes
+            .unwrap_or(DEFAULT_MAX_REQUEST_HEADERS_BYTES),
+        max_request_headers_count: l
+            .max_request_headers_count
+            .unwrap_or(DEFAULT_MAX_REQUEST_HEADERS_COUNT),
+        request_headers_timeout: nonzero(
+            l.request_headers_timeout,
+            DEFAULT_REQUEST_HEADERS_TIMEOUT,
+        ),
+        idle_timeout: nonzero(l.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+        max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        access_log: l.access_log.as_ref().map(|a| a.path.clone().into()),
+        metrics: metrics.listener(&l.name),
+    }
+}
+
+fn route_table(rc: &RawRouteConfig, clusters: &BTreeMap<String, Arc<Cluster>>) -> RouteTable {
+    let vhosts = rc
+        .virtual_hosts
+        .iter()
+        .map(|vh| {
+            let routes = vh
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| route(&vh.name, i, r, clusters))
+                .collect();
+            (
+                VirtualHost {
+                    name: vh.name.as_str().into(),
+                    routes,
+                },
+                vh.domains.clone(),
+            )
+        })
+        .collect();
+    RouteTable::new(&rc.name, vhosts)
+}
+
+fn route(
+    vhost: &str,
+    index: usize,
+    r: &RawRoute,
+    clusters: &BTreeMap<String, Arc<Cluster>>,
+) -> Route {
+    let m = &r.route_match;
+    let path = if let Some(p) = &m.prefix {
+        PathMatch::Prefix(p.clone())
+    } else if let Some(p) = &m.path {
+        PathMatch::Exact(p.clone())
+    } else {
+        PathMatch::Regex(
+            full_match_regex(m.regex.as_deref().unwrap_or_default()).expect("validated regex"),
+        )
+    };
+    let action = if let Some(c) = &r.cluster {
+        Action::Cluster(clusters[c].clone())
+    } else if let Some(split) = &r.weighted_clusters {
+        let weights: Vec<u32> = split.iter().map(|w| w.weight).collect();
+        Action::Weighted(WeightedClusters {
+            clusters: split.iter().map(|w| clusters[&w.name].clone()).collect(),
+            schedule: Schedule::new(&weights).expect("validated weights"),
+        })
+    } else {
+        let d = r.direct_response.as_ref().expect("validated action");
+        Action::Direct {
+            status: StatusCode::from_u16(d.status).expect("validated status"),
+            body: Bytes::from(d.body.clone().unwrap_or_default()),
+        }
+    };
+    Route {
+        name: r
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{vhost}/{index}"))
+            .into(),
+        path,
+        methods: m
+            .methods
+            .iter()
+            .flatten()
+            .map(|s| Method::from_bytes(s.as_bytes()).expect("validated method"))
+            .collect(),
+        headers: m.headers.iter().map(header_matcher).collect(),
+        action,
+        prefix_rewrite: r.prefix_rewrite.clone(),
+        host_rewrite: r
+            .host_rewrite
+            .as_ref()
+            .map(|h| HeaderValue::from_str(h).expect("validated host")),
+        request_headers_to_add: r.request_headers_to_add.iter().map(header_op).collect(),
+        request_headers_to_remove: r
+            .request_headers_to_remove
+            .iter()
+            .map(|h| header_name(h))
+            .collect(),
+        response_headers_to_add: r.response_headers_to_add.iter().map(header_op).collect(),
+        response_headers_to_remove: r
+            .response_headers_to_remove
+            .iter()
+            .map(|h| header_name(h))
+            .collect(),
+        timeout: {
+            let t = r.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0);
+            (!t.is_zero()).then_some(t)
+        },
+    }
+}
+
+fn header_name(name: &str) -> HeaderName {
+    HeaderName::from_bytes(name.as_bytes()).expect("validated header name")
+}
+
+fn header_op(h: &RawHeaderValue) -> HeaderOp {
+    HeaderOp {
+        name: header_name(&h.name),
+        value: HeaderValue::from_str(&h.value).expect("validated header value"),
+        append: h.append,
+    }
+}
+
+fn header_matcher(h: &RawHeaderMatcher) -> HeaderMatcher {
+    let kind = if let Some(v) = &h.exact {
+        HeaderMatch::Exact(v.clone())
+    } else if let Some(v) = &h.prefix {
+        HeaderMatch::Prefix(v.clone())
+    } else if let Some(v) = &h.suffix {
+        HeaderMatch::Suffix(v.clone())
+    } else if let Some(v) = &h.contains {
+        HeaderMatch::Contains(v.clone())
+    } else if let Some(v) = &h.regex {
+        HeaderMatch::Regex(full_match_regex(v).expect("validated regex"))
+    } else {
+        HeaderMatch::Present(h.present.unwrap_or(true))
+    };
+    HeaderMatcher {
+        name: header_name(&h.name),
+        kind,
+        invert: h.invert,
+    }
+}

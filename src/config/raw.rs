@@ -1,0 +1,331 @@
+//! The config file's schema: serde types that mirror the YAML one to one (nothing else knows YAML).
+//!
+//! Every struct denies unknown fields. Defaults are documented on each field and applied by
+//! `compile`, so that `/config` can show what the user wrote next to what is in force.
+
+use serde::{Deserialize, Serialize};
+
+use super::duration::Dur;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The admin server (`/metrics`, `/ready`, `/live`, `/config`, `/clusters`).
+    /// Default: `127.0.0.1:9901`. Changing it needs a restart.
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+    /// Worker threads. Default: the container's CPU quota (cgroup), else the core count.
+    /// Changing it needs a restart.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Where remora accepts connections.
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    /// Route tables, referenced by listeners by name.
+    #[serde(default)]
+    pub route_configs: Vec<RawRouteConfig>,
+    /// Upstream services, referenced by routes by name.
+    #[serde(default)]
+    pub clusters: Vec<RawCluster>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `ip:port` to serve the admin endpoints on. Default `127.0.0.1:9901`; keep it on loopback.
+    pub address: String,
+}
+
+/// How a listener speaks HTTP to its clients.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1, or h2c when the connection opens with the HTTP/2 preface (default).
+    #[default]
+    Auto,
+    /// HTTP/1.1 only.
+    Http1,
+    /// h2c (HTTP/2 with prior knowledge) only.
+    Http2,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Unique name; used in metrics and logs.
+    pub name: String,
+    /// `ip:port` to accept on.
+    pub address: String,
+    /// `auto` (default), `http1` or `http2`.
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// Name of the route config that serves this listener's requests.
+    pub route_config: String,
+    /// Largest request head (request line and headers) in bytes; larger gets 431.
+    /// Default 61440 (60 KiB).
+    #[serde(default)]
+    pub max_request_headers_bytes: Option<usize>,
+    /// Most request headers; more gets 431. Default 100.
+    #[serde(default)]
+    pub max_request_headers_count: Option<usize>,
+    /// Time from a request's first byte to its last header byte, after which the
+    /// connection is closed. Default `10s`; `0` disables.
+    #[serde(default)]
+    pub request_headers_timeout: Option<Dur>,
+    /// A connection with no request in flight for this long is closed gracefully.
+    /// Default `300s`; `0` disables.
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
+    /// Most open downstream connections; further ones are closed at accept. Default 8192.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// JSON-lines access log for this listener. Default: none.
+    #[serde(default)]
+    pub access_log: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    /// File to append to; `/dev/stdout` and `/dev/stderr` work.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteConfig {
+    /// Unique name, referenced by listeners.
+    pub name: String,
+    /// Virtual hosts, chosen by the request's authority.
+    #[serde(default)]
+    pub virtual_hosts: Vec<RawVirtualHost>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawVirtualHost {
+    /// Name, for logs and `/config`.
+    pub name: String,
+    /// Authorities served: `orders` (exact), `*.svc.local` (suffix), `orders.*` (prefix) or
+    /// `*`. Case-insensitive; the request's port is ignored unless the domain has one.
+    pub domains: Vec<String>,
+    /// Routes, tried in order; the first match wins.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Name, used as the `route` field in access logs. Default: `<virtual host>/<index>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What the request must look like.
+    #[serde(rename = "match")]
+    pub route_match: RawRouteMatch,
+    /// Action: send to this cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Action: split between clusters in proportion to their weights (sum > 0).
+    #[serde(default)]
+    pub weighted_clusters: Option<Vec<RawWeightedCluster>>,
+    /// Action: answer directly without an upstream.
+    #[serde(default)]
+    pub direct_response: Option<RawDirectResponse>,
+    /// Replace the matched `prefix` with this before forwarding.
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    /// Replace the Host/authority with this before forwarding. Default: keep it.
+    #[serde(default)]
+    pub host_rewrite: Option<String>,
+    /// Headers added to the request before forwarding.
+    #[serde(default)]
+    pub request_headers_to_add: Vec<RawHeaderValue>,
+    /// Headers removed from the request before forwarding.
+    #[serde(default)]
+    pub request_headers_to_remove: Vec<String>,
+    /// Headers added to the response.
+    #[serde(default)]
+    pub response_headers_to_add: Vec<RawHeaderValue>,
+    /// Headers removed from the response.
+    #[serde(default)]
+    pub response_headers_to_remove: Vec<String>,
+    /// Time until the upstream's response headers arrive, 504 after. Default `15s`; `0` = none.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteMatch {
+    /// Path starts with this (query string excluded).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Path equals this (query string excluded).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Whole path matches this regex (query string excluded).
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// Request method is one of these. Default: any.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// Every one of these header matchers must match.
+    #[serde(default)]
+    pub headers: Vec<RawHeaderMatcher>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatcher {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// Value equals this.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Value starts with this.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Value ends with this.
+    #[serde(default)]
+    pub suffix: Option<String>,
+    /// Value contains this.
+    #[serde(default)]
+    pub contains: Option<String>,
+    /// Whole value matches this regex.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// `true`: the header is present; `false`: it is absent. The default when no other
+    /// matcher is given is `present: true`.
+    #[serde(default)]
+    pub present: Option<bool>,
+    /// Invert the result. Default false.
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeightedCluster {
+    /// Cluster name.
+    pub name: String,
+    /// Relative weight; 0 takes no traffic.
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawDirectResponse {
+    /// Status code, 200 to 599.
+    pub status: u16,
+    /// Body. Default: empty.
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderValue {
+    /// Header name.
+    pub name: String,
+    /// Header value.
+    pub value: String,
+    /// `true` (default): add beside existing values; `false`: replace them.
+    #[serde(default = "default_true")]
+    pub append: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How a cluster finds its endpoints.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryType {
+    /// Endpoints are `ip:port` as written (default).
+    #[default]
+    Static,
+    /// Endpoints are `host:port`, resolved every `dns_refresh_rate`; every address answered
+    /// becomes an endpoint with the configured weight. A failed lookup keeps the last answer.
+    StrictDns,
+}
+
+/// How a cluster picks an endpoint for a request.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Smooth weighted round robin: exact proportions over each cycle (default).
+    #[default]
+    RoundRobin,
+    /// Weighted power of two choices over in-flight requests.
+    LeastRequest,
+    /// Weighted random.
+    Random,
+    /// Consistent hashing (see `hash_on`); few keys move when endpoints change.
+    RingHash,
+}
+
+/// What `ring_hash` hashes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// The client's IP address (default).
+    #[default]
+    ClientAddress,
+    /// A request header's value; requests without it hash on the client address.
+    Header(String),
+}
+
+/// The protocol remora speaks to a cluster's endpoints.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with a keep-alive pool per endpoint (default).
+    #[default]
+    Http1,
+    /// h2c with prior knowledge: one multiplexed connection per endpoint (gRPC needs this).
+    Http2,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// Unique name, referenced by routes.
+    pub name: String,
+    /// `static` (default) or `strict_dns`.
+    #[serde(default, rename = "type")]
+    pub discovery: DiscoveryType,
+    /// `round_robin` (default), `least_request`, `random` or `ring_hash`.
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
+    /// For `ring_hash`: `client_address` (default) or `{ header: NAME }`.
+    #[serde(default)]
+    pub hash_on: Option<HashOn>,
+    /// `http1` (default) or `http2` (h2c).
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// The endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+    /// Time allowed to open a TCP connection to an endpoint. Default `5s`.
+    #[serde(default)]
+    pub connect_timeout: Option<Dur>,
+    /// Pooled connections unused for this long are closed. Default `60s`.
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
+    /// For `strict_dns`: how often to resolve again. Default `5s`.
+    #[serde(default)]
+    pub dns_refresh_rate: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpoint {
+    /// `ip:port`, or `host:port` for `strict_dns`.
+    pub address: String,
+    /// Relative weight, 1 to 10000. Default 1.
+    #[serde(default)]
+    pub weight: Option<u32>,
+}

@@ -1,0 +1,465 @@
+//! Semantic checks on a schema-valid config: names, references, addresses, regexes, weights.
+//! Collects every problem; compile may assume a config that passed here.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use super::did_you_mean;
+use super::locate::Seg;
+use super::raw::*;
+
+/// One semantic problem, located by field path.
+pub struct Problem {
+    pub path: Vec<Seg>,
+    pub message: String,
+    pub did_you_mean: Option<String>,
+}
+
+/// Builds field paths without noise: `p!["clusters", 2, "name"]`.
+macro_rules! p {
+    ($($seg:expr),* $(,)?) => { vec![$(Seg::from($seg)),*] };
+}
+
+impl From<&str> for Seg {
+    fn from(k: &str) -> Seg {
+        Seg::Key(k.to_string())
+    }
+}
+impl From<usize> for Seg {
+    fn from(i: usize) -> Seg {
+        Seg::Index(i)
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: Vec<Seg>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path,
+            message: message.into(),
+            did_you_mean: None,
+        });
+    }
+    fn unknown<'a>(
+        &mut self,
+        path: Vec<Seg>,
+        what: &str,
+        name: &str,
+        known: impl Iterator<Item = &'a str>,
+    ) {
+        self.0.push(Problem {
+            path,
+            message: format!("unknown {what} `{name}`"),
+            did_you_mean: did_you_mean(name, known),
+        });
+    }
+}
+
+/// Every problem in `raw`, in file order.
+pub fn validate(raw: &RawConfig) -> Vec<Problem> {
+    let mut out = Problems::default();
+    if let Some(admin) = &raw.admin {
+        if admin.address.parse::<SocketAddr>().is_err() {
+            out.add(p!["admin", "address"], bad_socket(&admin.address));
+        }
+    }
+    if let Some(w) = raw.workers {
+        if !(1..=1024).contains(&w) {
+            out.add(p!["workers"], "must be between 1 and 1024");
+        }
+    }
+    let route_names = unique_names(
+        &mut out,
+        "route_configs",
+        raw.route_configs.iter().map(|r| r.name.as_str()),
+    );
+    let cluster_names = unique_names(
+        &mut out,
+        "clusters",
+        raw.clusters.iter().map(|c| c.name.as_str()),
+    );
+    unique_names(
+        &mut out,
+        "listeners",
+        raw.listeners.iter().map(|l| l.name.as_str()),
+    );
+    check_listeners(&mut out, raw, &route_names);
+    for (i, rc) in raw.route_configs.iter().enumerate() {
+        check_route_config(&mut out, i, rc, &cluster_names);
+    }
+    for (i, c) in raw.clusters.iter().enumerate() {
+        check_cluster(&mut out, i, c);
+    }
+    out.0
+}
+
+fn bad_socket(addr: &str) -> String {
+    format!("`{addr}` is not an `ip:port` address (e.g. `127.0.0.1:8080` or `[::1]:8080`)")
+}
+
+/// Reports empty and duplicate names; returns the set of names.
+fn unique_names<'a>(
+    out: &mut Problems,
+    list: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> HashSet<&'a str> {
+    let mut seen = HashSet::new();
+    for (i, name) in names.enumerate() {
+        if name.is_empty() {
+            out.add(p![list, i, "name"], "name must not be empty");
+        } else if !seen.insert(name) {
+            out.add(p![list, i, "name"], format!("duplicate name `{name}`"));
+        }
+    }
+    seen
+}
+
+fn check_listeners(out: &mut Problems, raw: &RawConfig, route_names: &HashSet<&str>) {
+    let mut addresses: HashMap<SocketAddr, &str> = HashMap::new();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        match l.address.parse::<SocketAddr>() {
+            Err(_) => out.add(p!["listeners", i, "address"], bad_socket(&l.address)),
+            Ok(addr) => {
+                if let Some(other) = addresses.insert(addr, &l.name) {
+                    out.add(
+                        p!["listeners", i, "address"],
+                        format!("address {addr} is already used by listener `{other}`"),
+                    );
+                }
+            }
+        }
+        if !route_names.contains(l.route_config.as_str()) {
+            out.unknown(
+                p!["listeners", i, "route_config"],
+                "route config",
+                &l.route_config,
+                route_names.iter().copied(),
+            );
+        }
+        if let Some(n) = l.max_request_headers_bytes {
+            if !(1024..=1024 * 1024).contains(&n) {
+                out.add(
+                    p!["listeners", i, "max_request_headers_bytes"],
+                    "must be between 1024 and 1048576",
+                );
+            }
+        }
+        if let Some(n) = l.max_request_headers_count {
+            if !(1..=10_000).contains(&n) {
+                out.add(
+                    p!["listeners", i, "max_request_headers_count"],
+                    "must be between 1 and 10000",
+                );
+            }
+        }
+        if l.max_connections == Some(0) {
+            out.add(p!["listeners", i, "max_connections"], "must be at least 1");
+        }
+        if let Some(log) = &l.access_log {
+            if log.path.is_empty() {
+                out.add(
+                    p!["listeners", i, "access_log", "path"],
+                    "must not be empty",
+                );
+            }
+        }
+    }
+}
+
+fn check_route_config(out: &mut Problems, i: usize, rc: &RawRouteConfig, clusters: &HashSet<&str>) {
+    let mut domains: HashMap<String, &str> = HashMap::new();
+    let mut vhost_names = HashSet::new();
+    for (v, vh) in rc.virtual_hosts.iter().enumerate() {
+        let at = |rest: Vec<Seg>| {
+            let mut path = p!["route_configs", i, "virtual_hosts", v];
+            path.extend(rest);
+            path
+        };
+        if !vhost_names.insert(vh.name.as_str()) {
+            out.add(
+                at(p!["name"]),
+                format!("duplicate virtual host name `{}`", vh.name),
+            );
+        }
+        if vh.domains.is_empty() {
+            out.add(
+                at(p!["domains"]),
+                "needs at least one domain (`*` matches any)",
+            );
+        }
+        for (d, domain) in vh.domains.iter().enumerate() {
+            let lower = domain.to_ascii_lowercase();
+            if let Some(msg) = domain_problem(&lower) {
+                out.add(at(p!["domains", d]), msg);
+            } else if let Some(other) = domains.insert(lower, &vh.name) {
+                out.add(
+                    at(p!["domains", d]),
+                    format!("domain `{domain}` is already served by virtual host `{other}`"),
+                );
+            }
+        }
+        for (r, route) in vh.routes.iter().enumerate() {
+            check_route(out, &at(p!["routes", r]), route, clusters);
+        }
+    }
+}
+
+fn domain_problem(domain: &str) -> Option<String> {
+    if domain.is_empty() {
+        return Some("domain must not be empty".into());
+    }
+    if domain == "*" {
+        return None;
+    }
+    let inner = domain.trim_start_matches('*').trim_end_matches('*');
+    if inner.contains('*') || (domain.starts_with('*') && domain.ends_with('*')) {
+        return Some(format!(
+            "domain `{domain}`: `*` may only stand alone, at the start (`*.example.com`) or at the end (`example.*`)"
+        ));
+    }
+    None
+}
+
+fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &HashSet<&str>) {
+    let path = |rest: Vec<Seg>| {
+        let mut p = at.to_vec();
+        p.extend(rest);
+        p
+    };
+    let m = &route.route_match;
+    let kinds = [m.prefix.is_some(), m.path.is_some(), m.regex.is_some()];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        out.add(
+            path(p!["match"]),
+            "needs exactly one of `prefix`, `path` or `regex`",
+        );
+    }
+    for (name, value) in [("prefix", &m.prefix), ("path", &m.path)] {
+        if let Some(v) = value {
+            if !v.starts_with('/') {
+                out.add(
+                    path(p!["match", name]),
+                    format!("`{v}` must start with `/`"),
+                );
+            }
+        }
+    }
+    if let Some(re) = &m.regex {
+        if let Err(e) = regex::Regex::new(re) {
+            out.add(path(p!["match", "regex"]), format!("invalid regex: {e}"));
+        }
+    }
+    for (k, method) in m.methods.iter().flatten().enumerate() {
+        if Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
+            out.add(
+                path(p!["match", "methods", k]),
+                format!("`{method}` is not an HTTP method"),
+            );
+        }
+    }
+    for (h, hm) in m.headers.iter().enumerate() {
+        let at = |rest: Vec<Seg>| {
+            let mut p = path(p!["match", "headers", h]);
+            p.extend(rest);
+            p
+        };
+        if HeaderName::from_bytes(hm.name.as_bytes()).is_err() {
+            out.add(
+                at(p!["name"]),
+                format!("`{}` is not a valid header name", hm.name),
+            );
+        }
+        let given = [
+            hm.exact.is_some(),
+            hm.prefix.is_some(),
+            hm.suffix.is_some(),
+            hm.contains.is_some(),
+            hm.regex.is_some(),
+            hm.present.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            out.add(
+                at(vec![]),
+                "give at most one of `exact`, `prefix`, `suffix`, `contains`, `regex`, `present`",
+            );
+        }
+        if let Some(re) = &hm.regex {
+            if let Err(e) = regex::Regex::new(re) {
+                out.add(at(p!["regex"]), format!("invalid regex: {e}"));
+            }
+        }
+    }
+
+    let actions = [
+        route.cluster.is_some(),
+        route.weighted_clusters.is_some(),
+        route.direct_response.is_some(),
+    ];
+    if actions.iter().filter(|a| **a).count() != 1 {
+        out.add(
+            at.to_vec(),
+            "needs exactly one action: `cluster`, `weighted_clusters` or `direct_response`",
+        );
+    }
+    if let Some(c) = &route.cluster {
+        if !clusters.contains(c.as_str()) {
+            out.unknown(path(p!["cluster"]), "cluster", c, clusters.iter().copied());
+        }
+    }
+    if let Some(split) = &route.weighted_clusters {
+        if split.is_empty() {
+            out.add(path(p!["weighted_clusters"]), "needs at least one cluster");
+        } else if split.iter().map(|w| u64::from(w.weight)).sum::<u64>() == 0 {
+            out.add(
+                path(p!["weighted_clusters"]),
+                "weights sum to 0; at least one must be positive",
+            );
+        }
+        for (k, w) in split.iter().enumerate() {
+            if !clusters.contains(w.name.as_str()) {
+                out.unknown(
+                    path(p!["weighted_clusters", k, "name"]),
+                    "cluster",
+                    &w.name,
+                    clusters.iter().copied(),
+                );
+            }
+            if w.weight > 1_000_000 {
+                out.add(
+                    path(p!["weighted_clusters", k, "weight"]),
+                    "must be at most 1000000",
+                );
+            }
+        }
+    }
+    if let Some(d) = &route.direct_response {
+        if !(200..=599).contains(&d.status) {
+            out.add(
+                path(p!["direct_response", "status"]),
+                "must be between 200 and 599",
+            );
+        }
+    }
+    if route.prefix_rewrite.is_some() && m.prefix.is_none() {
+        out.add(
+            path(p!["prefix_rewrite"]),
+            "only applies to routes that match on `prefix`",
+        );
+    }
+    if let Some(host) = &route.host_rewrite {
+        if host.is_empty() || HeaderValue::from_str(host).is_err() || host.contains(['/', ' ']) {
+            out.add(
+                path(p!["host_rewrite"]),
+                format!("`{host}` is not a valid authority"),
+            );
+        }
+    }
+    for list in ["request_headers_to_add", "response_headers_to_add"] {
+        let items = if list == "request_headers_to_add" {
+            &route.request_headers_to_add
+        } else {
+            &route.response_headers_to_add
+        };
+        for (k, h) in items.iter().enumerate() {
+            if HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                out.add(
+                    path(p![list, k, "name"]),
+                    format!("`{}` is not a valid header name", h.name),
+                );
+            }
+            if HeaderValue::from_str(&h.value).is_err() {
+                out.add(path(p![list, k, "value"]), "not a valid header value");
+            }
+        }
+    }
+    for list in ["request_headers_to_remove", "response_headers_to_remove"] {
+        let items = if list == "request_headers_to_remove" {
+            &route.request_headers_to_remove
+        } else {
+            &route.response_headers_to_remove
+        };
+        for (k, name) in items.iter().enumerate() {
+            if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                out.add(
+                    path(p![list, k]),
+                    format!("`{name}` is not a valid header name"),
+                );
+            }
+        }
+    }
+}
+
+fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster) {
+    if c.endpoints.is_empty() {
+        out.add(
+            p!["clusters", i, "endpoints"],
+            "needs at least one endpoint",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (e, ep) in c.endpoints.iter().enumerate() {
+        let at = p!["clusters", i, "endpoints", e, "address"];
+        match c.discovery {
+            DiscoveryType::Static => {
+                if ep.address.parse::<SocketAddr>().is_err() {
+                    out.add(at.clone(), bad_socket(&ep.address));
+                }
+            }
+            DiscoveryType::StrictDns => {
+                let port_ok = ep
+                    .address
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                if !port_ok {
+                    out.add(
+                        at.clone(),
+                        format!("`{}` is not a `host:port` address", ep.address),
+                    );
+                }
+            }
+        }
+        if !seen.insert(ep.address.as_str()) {
+            out.add(at, format!("duplicate endpoint `{}`", ep.address));
+        }
+        if let Some(w) = ep.weight {
+            if !(1..=10_000).contains(&w) {
+                out.add(
+                    p!["clusters", i, "endpoints", e, "weight"],
+                    "must be between 1 and 10000",
+                );
+            }
+        }
+    }
+    if c.hash_on.is_some() && c.lb_policy != LbPolicy::RingHash {
+        out.add(
+            p!["clusters", i, "hash_on"],
+            "only applies with `lb_policy: ring_hash`",
+        );
+    }
+    if let Some(HashOn::Header(h)) = &c.hash_on {
+        if HeaderName::from_bytes(h.as_bytes()).is_err() {
+            out.add(
+                p!["clusters", i, "hash_on", "header"],
+                format!("`{h}` is not a valid header name"),
+            );
+        }
+    }
+    if c.dns_refresh_rate.is_some() && c.discovery != DiscoveryType::StrictDns {
+        out.add(
+            p!["clusters", i, "dns_refresh_rate"],
+            "only applies with `type: strict_dns`",
+        );
+    }
+    for (field, value) in [
+        ("connect_timeout", c.connect_timeout),
+        ("dns_refresh_rate", c.dns_refresh_rate),
+    ] {
+        if value.is_some_and(|d| d.0.is_zero()) {
+            out.add(p!["clusters", i, field], "must be greater than 0");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Why a request failed, and the one place that turns a failure into a response.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::{self, Body};
+use crate::upstream::UpstreamError;
+
+/// The header that tells clients (and tests) which failure produced a local reply.
+pub const ERROR_HEADER: &str = "x-remora-error";
+
+/// A request remora could not proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matched")]
+    NoRoute,
+    #[error("cluster `{cluster}` has no healthy endpoint")]
+    NoHealthyUpstream { cluster: Arc<str> },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("no upstream response within {0:?}")]
+    Timeout(Duration),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    /// The status and the `x-remora-error` marker, per the table in DESIGN.md.
+    pub fn status_and_marker(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            ProxyError::NoHealthyUpstream { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream")
+            }
+            ProxyError::Upstream(e) if e.is_connect_failure() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream_connect_failure")
+            }
+            ProxyError::Upstream(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_reset"),
+            ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        }
+    }
+
+    /// The local reply: status, marker header, and the error (with its sources) as the body.
+    pub fn to_response(&self) -> Response<Body> {
+        let (status, marker) = self.status_and_marker();
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text.push('\n');
+        let mut resp = Response::new(body::full(text));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(marker));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn every_error_maps_to_its_status_and_marker() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let cases = [
+            (ProxyError::NoRoute, 404, "no_route"),
+            (
+                ProxyError::NoHealthyUpstream {
+                    cluster: "c".into(),
+                },
+                503,
+                "no_healthy_upstream",
+            ),
+            (
+                ProxyError::Upstream(UpstreamError::Connect {
+                    addr,
+                    source: refused,
+                }),
+                503,
+                "upstream_connect_failure",
+            ),
+            (
+                ProxyError::Upstream(UpstreamError::ConnectTimeout {
+                    addr,
+                    timeout: Duration::from_secs(1),
+                }),
+                503,
+                "upstream_connect_failure",
+            ),
+            (
+                ProxyError::Timeout(Duration::from_secs(1)),
+                504,
+                "upstream_timeout",
+            ),
+            (ProxyError::BadRequest("x"), 400, "bad_request"),
+        ];
+        for (err, status, marker) in cases {
+            let resp = err.to_response();
+            assert_eq!(resp.status().as_u16(), status, "{err}");
+            assert_eq!(resp.headers()[ERROR_HEADER], marker, "{err}");
+        }
+    }
+
+    #[test]
+    fn local_reply_body_keeps_the_source_chain() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let err = ProxyError::Upstream(UpstreamError::Connect {
+            addr,
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        });
+        let (status, _) = err.status_and_marker();
+        assert_eq!(status, 503);
+        let text = format!("{}", err);
+        assert!(text.contains("127.0.0.1:1"));
+    }
+}

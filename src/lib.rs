@@ -1,0 +1,19 @@
+//! remora: a sidecar L7 proxy. The modules follow the request path; see README.md.
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod snapshot;
+pub mod upstream;
+pub mod workers;

@@ -1,0 +1,294 @@
+//! One client connection: protocol detection, HTTP/1.1 or h2c serving, the request-headers
+//! timeout, the idle timeout and graceful close.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+
+use crate::config::raw::ListenerProtocol;
+use crate::proxy::{self, ListenerContext};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Request boundaries on one connection, for the header and idle timeouts.
+struct ConnState {
+    epoch: Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds since `epoch` (+1) when the current request's first byte arrived; 0: none.
+    head_started: AtomicU64,
+    /// Milliseconds since `epoch` when the connection last became idle.
+    idle_since: AtomicU64,
+}
+
+impl ConnState {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Bytes arrived: with nothing in flight, they start a new request head.
+    fn on_read(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+        {
+            self.head_started.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    fn head_overdue(&self, limit: Duration) -> bool {
+        let started = self.head_started.load(Ordering::Relaxed);
+        started != 0 && self.now() - started > limit.as_millis() as u64
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let since = self.idle_since.load(Ordering::Relaxed);
+        Duration::from_millis(self.now().saturating_sub(since))
+    }
+}
+
+/// Marks a request in flight on its connection until dropped (when its response is done).
+pub struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn begin(state: &Arc<ConnState>) -> InFlight {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.head_started.store(0, Ordering::Relaxed);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle_since.store(self.0.now(), Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Serves one connection until it closes, times out, or is drained.
+pub async fn serve(
+    ctx: Arc<ListenerContext>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    drain: watch::Receiver<bool>,
+) {
+    let settings = &ctx.settings;
+    settings.metrics.connections_active.inc();
+    let state = Arc::new(ConnState {
+        epoch: Instant::now(),
+        in_flight: AtomicU32::new(0),
+        head_started: AtomicU64::new(0),
+        idle_since: AtomicU64::new(0),
+    });
+    let protocol = match settings.protocol {
+        ListenerProtocol::Http1 => Some(Protocol::Http1),
+        ListenerProtocol::Http2 => Some(Protocol::Http2),
+        ListenerProtocol::Auto => {
+            let limit = settings
+                .request_headers_timeout
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::time::timeout(limit, detect(&stream))
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    let Some(protocol) = protocol else {
+        settings.metrics.connections_active.dec();
+        return;
+    };
+    let io = TokioIo::new(Watched {
+        inner: stream,
+        state: (protocol == Protocol::Http1).then(|| state.clone()),
+    });
+    let service = {
+        let (ctx, state) = (ctx.clone(), state.clone());
+        service_fn(move |req| proxy::handle(ctx.clone(), peer, InFlight::begin(&state), req))
+    };
+    let limits = Limits {
+        headers_timeout: settings.request_headers_timeout,
+        idle_timeout: settings.idle_timeout,
+    };
+    match protocol {
+        Protocol::Http1 => {
+            let mut b = http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .keep_alive(true)
+                .max_header_size(settings.max_request_headers_bytes);
+            if settings.max_request_headers_count != 100 {
+                b.max_headers(settings.max_request_headers_count);
+            }
+            let conn = b.serve_connection(io, service).with_upgrades();
+            drive(conn, |c| c.graceful_shutdown(), &state, limits, drain, true).await;
+        }
+        Protocol::Http2 => {
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(settings.max_request_headers_bytes as u32)
+                .serve_connection(io, service);
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                &state,
+                limits,
+                drain,
+                false,
+            )
+            .await;
+        }
+    }
+    settings.metrics.connections_active.dec();
+}
+
+/// Reads (without consuming) enough of the first bytes to tell h2c from HTTP/1.1.
+async fn detect(stream: &TcpStream) -> Option<Protocol> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // A partial preface: wait for the rest to arrive.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+struct Limits {
+    headers_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+}
+
+/// Runs a connection to completion, enforcing the timeouts and honouring drain.
+async fn drive<C, E>(
+    conn: C,
+    shutdown: impl Fn(Pin<&mut C>),
+    state: &ConnState,
+    limits: Limits,
+    mut drain: watch::Receiver<bool>,
+    watch_heads: bool,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let headers_timeout = limits.headers_timeout.filter(|_| watch_heads);
+    // Check a few times per header timeout; precise enough, and cheap for idle connections.
+    let tick = [headers_timeout, limits.idle_timeout]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(Duration::from_secs(3600), |t| {
+            (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+        });
+    tokio::pin!(conn);
+    let mut closing = *drain.borrow();
+    if closing {
+        shutdown(conn.as_mut());
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            changed = drain.changed(), if !closing => {
+                if changed.is_err() || *drain.borrow() {
+                    closing = true;
+                    shutdown(conn.as_mut());
+                }
+            }
+            _ = tokio::time::sleep(tick) => {
+                if headers_timeout.is_some_and(|t| state.head_overdue(t)) {
+                    tracing::debug!("request headers not received in time; closing");
+                    return;
+                }
+                if !closing && limits.idle_timeout.is_some_and(|t| state.idle_for() >= t) {
+                    closing = true;
+                    shutdown(conn.as_mut());
+                }
+            }
+        }
+    }
+}
+
+/// The client socket, noting when bytes arrive between requests (HTTP/1.1 only).
+struct Watched {
+    inner: TcpStream,
+    state: Option<Arc<ConnState>>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(state)) = (&polled, &self.state) {
+            if buf.filled().len() > before {
+                state.on_read();
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

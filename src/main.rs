@@ -1,0 +1,125 @@
+//! The `remora` command: run, validate, demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use remora::app::App;
+use remora::config;
+
+#[derive(Parser)]
+#[command(
+    name = "remora",
+    version,
+    about = "A sidecar L7 proxy for service meshes"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    /// Log level or filter (e.g. `info`, `remora=debug`). Default: `info`, or RUST_LOG.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file.
+    Run {
+        /// The YAML config file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Check a config file; print every problem; exit 0 if valid, 1 if not.
+    Validate {
+        /// The YAML config file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run remora with demo upstreams on loopback; needs nothing else.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.log_level.as_deref());
+    match cli.command {
+        Command::Validate { config } => match config::load_file(&config) {
+            Ok(_) => {
+                println!("{}: valid", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            let (raw, text) = match config::load_file(&config) {
+                Ok(loaded) => loaded,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let workers = raw.workers.unwrap_or_else(remora::workers::default_workers);
+            let source = config.display().to_string();
+            run_async(workers, async move {
+                App::start(raw, &source, &text)
+                    .await?
+                    .run_until_signal()
+                    .await?;
+                Ok(())
+            })
+        }
+        Command::Demo => run_async(remora::workers::default_workers(), remora::demo::run()),
+    }
+}
+
+fn run_async(
+    workers: usize,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    tracing::info!(
+        workers,
+        version = env!("CARGO_PKG_VERSION"),
+        "starting remora"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("remora-worker")
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("remora: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

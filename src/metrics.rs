@@ -1,0 +1,234 @@
+//! Prometheus metrics: one registry, created at startup and passed in; per-listener and
+//! per-cluster handles are resolved once at compile time so the hot path only bumps atomics.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: 0.5 ms to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Index of a status code's class in [`CODE_CLASSES`].
+fn class_index(status: u16) -> usize {
+    (usize::from(status / 100)).clamp(1, 5) - 1
+}
+
+/// Every metric remora exports. See the README for what each one means.
+pub struct Metrics {
+    registry: Registry,
+    downstream_requests: IntCounterVec,
+    downstream_duration: HistogramVec,
+    downstream_connections_active: IntGaugeVec,
+    downstream_connections_total: IntCounterVec,
+    downstream_connections_overflow: IntCounterVec,
+    local_replies: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    upstream_connections_active: IntGaugeVec,
+    upstream_connect_failures: IntCounterVec,
+    cluster_endpoints: IntGaugeVec,
+    /// `remora_config_reloads_total{source,result}`.
+    pub config_reloads: IntCounterVec,
+    /// `remora_config_last_reload_success_timestamp_seconds`.
+    pub config_last_success: prometheus::Gauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let config_last_success = prometheus::Gauge::new(
+            "remora_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last config load that took effect.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(config_last_success.clone()))
+            .expect("unique metric");
+        Metrics {
+            downstream_requests: counter(
+                &r,
+                "remora_downstream_requests_total",
+                "Requests received, by listener and response status class.",
+                &["listener", "code_class"],
+            ),
+            downstream_duration: histogram(
+                &r,
+                "remora_downstream_request_duration_seconds",
+                "Time from request headers received to response body sent.",
+                &["listener"],
+            ),
+            downstream_connections_active: gauge(
+                &r,
+                "remora_downstream_connections_active",
+                "Open client connections.",
+                &["listener"],
+            ),
+            downstream_connections_total: counter(
+                &r,
+                "remora_downstream_connections_total",
+                "Client connections accepted.",
+                &["listener"],
+            ),
+            downstream_connections_overflow: counter(
+                &r,
+                "remora_downstream_connections_overflow_total",
+                "Client connections closed at accept because max_connections was reached.",
+                &["listener"],
+            ),
+            local_replies: counter(
+                &r,
+                "remora_local_replies_total",
+                "Responses remora generated itself, by the x-remora-error marker.",
+                &["listener", "reason"],
+            ),
+            upstream_requests: counter(
+                &r,
+                "remora_upstream_requests_total",
+                "Requests sent to a cluster, by response status class.",
+                &["cluster", "code_class"],
+            ),
+            upstream_duration: histogram(
+                &r,
+                "remora_upstream_request_duration_seconds",
+                "Time from sending a request upstream to its response headers.",
+                &["cluster"],
+            ),
+            upstream_connections_active: gauge(
+                &r,
+                "remora_upstream_connections_active",
+                "Open connections to a cluster's endpoints.",
+                &["cluster"],
+            ),
+            upstream_connect_failures: counter(
+                &r,
+                "remora_upstream_connect_failures_total",
+                "Failed or timed-out connection attempts to a cluster's endpoints.",
+                &["cluster"],
+            ),
+            cluster_endpoints: gauge(
+                &r,
+                "remora_cluster_endpoints",
+                "Endpoints of a cluster, by state.",
+                &["cluster", "state"],
+            ),
+            config_reloads: counter(
+                &r,
+                "remora_config_reloads_total",
+                "Config loads attempted, by source (file, signal, xds, startup) and result.",
+                &["source", "result"],
+            ),
+            config_last_success,
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            requests: CODE_CLASSES.map(|c| self.downstream_requests.with_label_values(&[name, c])),
+            duration: self.downstream_duration.with_label_values(&[name]),
+            connections_active: self
+                .downstream_connections_active
+                .with_label_values(&[name]),
+            connections_total: self.downstream_connections_total.with_label_values(&[name]),
+            connections_overflow: self
+                .downstream_connections_overflow
+                .with_label_values(&[name]),
+            local_replies: self.local_replies.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn cluster(&self, name: &str) -> ClusterMetrics {
+        ClusterMetrics {
+            requests: CODE_CLASSES.map(|c| self.upstream_requests.with_label_values(&[name, c])),
+            duration: self.upstream_duration.with_label_values(&[name]),
+            connections_active: self.upstream_connections_active.with_label_values(&[name]),
+            connect_failures: self.upstream_connect_failures.with_label_values(&[name]),
+            endpoints_healthy: self.cluster_endpoints.with_label_values(&[name, "healthy"]),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// A listener's handles.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    requests: [IntCounter; 5],
+    pub duration: Histogram,
+    pub connections_active: IntGauge,
+    pub connections_total: IntCounter,
+    pub connections_overflow: IntCounter,
+    local_replies: IntCounterVec,
+    name: String,
+}
+
+impl ListenerMetrics {
+    pub fn request(&self, status: u16, seconds: f64) {
+        self.requests[class_index(status)].inc();
+        self.duration.observe(seconds);
+    }
+
+    /// Counts a response remora made itself; rare, so the label lookup is fine here.
+    pub fn local_reply(&self, reason: &str) {
+        self.local_replies
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+}
+
+/// A cluster's handles.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    requests: [IntCounter; 5],
+    pub duration: Histogram,
+    pub connections_active: IntGauge,
+    pub connect_failures: IntCounter,
+    pub endpoints_healthy: IntGauge,
+}
+
+impl ClusterMetrics {
+    pub fn response(&self, status: u16, seconds: f64) {
+        self.requests[class_index(status)].inc();
+        self.duration.observe(seconds);
+    }
+}

@@ -1,0 +1,347 @@
+//! The request path, in order: load snapshot → route → pick endpoint → forward → record.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::access_log::{self, AccessLog, Entry};
+use crate::body::{self, Body, BoxError};
+use crate::cluster::balance::hash_bytes;
+use crate::cluster::{Cluster, Endpoint};
+use crate::config::raw::LbPolicy;
+use crate::error::ProxyError;
+use crate::forward::{self, Downstream};
+use crate::listener::InFlight;
+use crate::router::{Action, Route};
+use crate::snapshot::{ListenerSettings, SnapshotStore};
+use crate::upstream;
+
+/// What every request on one listener shares.
+pub struct ListenerContext {
+    pub settings: ListenerSettings,
+    pub store: Arc<SnapshotStore>,
+    pub access_log: Option<AccessLog>,
+}
+
+/// Serves one request. Never fails: errors become local replies (see `error.rs`).
+pub async fn handle(
+    ctx: Arc<ListenerContext>,
+    client: SocketAddr,
+    in_flight: InFlight,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let mut record = Record::start(&ctx, &req, in_flight);
+    let resp = match proxy(&ctx, client, req, &mut record).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            let (_, marker) = err.status_and_marker();
+            tracing::debug!(listener = %ctx.settings.name, error = %err, "local reply");
+            ctx.settings.metrics.local_reply(marker);
+            record.error = Some(marker);
+            err.to_response()
+        }
+    };
+    record.status = resp.status().as_u16();
+    Ok(resp.map(|inner| {
+        RecordedBody {
+            inner,
+            record: Some(record),
+        }
+        .boxed_unsync()
+    }))
+}
+
+async fn proxy(
+    ctx: &ListenerContext,
+    client: SocketAddr,
+    req: Request<Incoming>,
+    record: &mut Record,
+) -> Result<Response<Body>, ProxyError> {
+    // 1. One snapshot for the whole request, whatever reloads happen meanwhile.
+    let snapshot = ctx.store.load();
+    let routes = snapshot
+        .routes(&ctx.settings.name)
+        .ok_or(ProxyError::NoRoute)?;
+
+    // 2. Route.
+    let (mut parts, body) = req.into_parts();
+    // Cheap clones (shared bytes) so the authority can outlive `parts` being handed on.
+    let (uri, host) = (parts.uri.clone(), parts.headers.get(header::HOST).cloned());
+    let authority = authority(&uri, host.as_ref(), parts.version)
+        .ok_or(ProxyError::BadRequest("missing Host header"))?;
+    let (_, route) = routes
+        .find(authority, &parts.method, parts.uri.path(), &parts.headers)
+        .ok_or(ProxyError::NoRoute)?;
+    record.route = Some(route.name.clone());
+    let cluster = match &route.action {
+        Action::Direct { status, body } => return Ok(direct(route, *status, body.clone())),
+        action => action.pick_cluster().expect("cluster action"),
+    };
+    record.cluster = Some(cluster.name.clone());
+
+    // 3. Pick an endpoint.
+    let hash = request_hash(cluster, &parts, client);
+    let endpoint = cluster
+        .pick(hash)
+        .ok_or_else(|| ProxyError::NoHealthyUpstream {
+            cluster: cluster.name.clone(),
+        })?;
+    record.upstream = Some(endpoint.address);
+    record.track(endpoint.clone());
+
+    // 4. Forward, within the route's timeout.
+    let upgrade = forward::is_upgrade(&parts);
+    let on_client_upgrade = if upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+    let down = Downstream {
+        client,
+        scheme: "http",
+        authority,
+        upgrade,
+    };
+    let upstream_req =
+        forward::upstream_request(parts, body::incoming(body), route, &down, cluster.protocol);
+    record.request_id = upstream_req
+        .headers()
+        .get(&forward::X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let sent = Instant::now();
+    let exchange = async {
+        match on_client_upgrade {
+            Some(client_io) => upgrade_exchange(cluster, &endpoint, upstream_req, client_io).await,
+            None => upstream::send(cluster, &endpoint, upstream_req).await,
+        }
+    };
+    let resp = match route.timeout {
+        Some(limit) => tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| ProxyError::Timeout(limit))??,
+        None => exchange.await?,
+    };
+
+    // 5. Record and answer.
+    cluster
+        .metrics
+        .response(resp.status().as_u16(), sent.elapsed().as_secs_f64());
+    Ok(forward::downstream_response(resp, route))
+}
+
+/// Sends an upgrade request on its own connection; on `101` splices the two upgraded
+/// connections together in a task of their own.
+async fn upgrade_exchange(
+    cluster: &Cluster,
+    endpoint: &Endpoint,
+    req: Request<Body>,
+    client_io: hyper::upgrade::OnUpgrade,
+) -> Result<Response<Body>, upstream::UpstreamError> {
+    let mut resp = upstream::send_upgrade(cluster, endpoint, req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_io = hyper::upgrade::on(&mut resp);
+        let addr = endpoint.address;
+        tokio::spawn(async move {
+            let (client_io, upstream_io) = match tokio::try_join!(client_io, upstream_io) {
+                Ok(both) => both,
+                Err(error) => {
+                    tracing::debug!(%addr, %error, "upgrade did not complete");
+                    return;
+                }
+            };
+            let (mut a, mut b) = (TokioIo::new(client_io), TokioIo::new(upstream_io));
+            if let Err(error) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                tracing::debug!(%addr, %error, "upgraded connection ended");
+            }
+        });
+    }
+    Ok(resp.map(body::incoming))
+}
+
+fn direct(route: &Route, status: StatusCode, data: Bytes) -> Response<Body> {
+    let mut resp = Response::new(body::full(data));
+    *resp.status_mut() = status;
+    forward::direct_response(resp, route)
+}
+
+/// The request's authority: `:authority` (HTTP/2, absolute-form) or `Host`.
+fn authority<'a>(
+    uri: &'a http::Uri,
+    host: Option<&'a http::HeaderValue>,
+    version: http::Version,
+) -> Option<&'a str> {
+    if let Some(a) = uri.authority() {
+        return Some(a.as_str());
+    }
+    match host {
+        Some(h) => h.to_str().ok(),
+        // HTTP/1.0 may omit Host; it can still match a `*` virtual host.
+        None if version < http::Version::HTTP_11 => Some(""),
+        None => None,
+    }
+}
+
+/// The `ring_hash` key: the configured header's value, else the client's IP.
+fn request_hash(cluster: &Cluster, parts: &http::request::Parts, client: SocketAddr) -> u64 {
+    if cluster.lb_policy != LbPolicy::RingHash {
+        return 0;
+    }
+    if let Some(v) = cluster
+        .hash_header
+        .as_ref()
+        .and_then(|h| parts.headers.get(h))
+    {
+        return hash_bytes(v.as_bytes());
+    }
+    match client.ip() {
+        std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+        std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+    }
+}
+
+/// What is known about a request as it goes; recorded (metrics, access log) when the
+/// response body is finished or dropped.
+struct Record {
+    ctx_log: Option<AccessLog>,
+    metrics: crate::metrics::ListenerMetrics,
+    started: Instant,
+    method: http::Method,
+    authority: String,
+    path: String,
+    status: u16,
+    bytes_sent: u64,
+    route: Option<Arc<str>>,
+    cluster: Option<Arc<str>>,
+    upstream: Option<SocketAddr>,
+    request_id: Option<String>,
+    error: Option<&'static str>,
+    endpoint: Option<Arc<Endpoint>>,
+    _in_flight: InFlight,
+}
+
+impl Record {
+    fn start(ctx: &ListenerContext, req: &Request<Incoming>, in_flight: InFlight) -> Record {
+        let logging = ctx.access_log.is_some();
+        Record {
+            ctx_log: ctx.access_log.clone(),
+            metrics: ctx.settings.metrics.clone(),
+            started: Instant::now(),
+            method: req.method().clone(),
+            // Only the access log needs these strings; skip the copies otherwise.
+            authority: if logging {
+                authority_for_log(req)
+            } else {
+                String::new()
+            },
+            path: if logging {
+                req.uri().path().to_owned()
+            } else {
+                String::new()
+            },
+            status: 0,
+            bytes_sent: 0,
+            route: None,
+            cluster: None,
+            upstream: None,
+            request_id: None,
+            error: None,
+            endpoint: None,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// Counts the request as in flight on `endpoint` until the record is done.
+    fn track(&mut self, endpoint: Arc<Endpoint>) {
+        endpoint.active_requests.fetch_add(1, Ordering::Relaxed);
+        self.endpoint = Some(endpoint);
+    }
+}
+
+fn authority_for_log(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if let Some(ep) = &self.endpoint {
+            ep.active_requests.fetch_sub(1, Ordering::Relaxed);
+        }
+        let elapsed = self.started.elapsed();
+        self.metrics.request(self.status, elapsed.as_secs_f64());
+        if let Some(log) = &self.ctx_log {
+            log.write(&Entry {
+                time: access_log::rfc3339(SystemTime::now() - elapsed),
+                method: self.method.to_string(),
+                authority: std::mem::take(&mut self.authority),
+                path: std::mem::take(&mut self.path),
+                status: self.status,
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                bytes_sent: self.bytes_sent,
+                route: self.route.as_deref().map(str::to_owned),
+                cluster: self.cluster.as_deref().map(str::to_owned),
+                upstream: self.upstream.map(|a| a.to_string()),
+                request_id: self.request_id.take(),
+                error: self.error,
+            });
+        }
+    }
+}
+
+/// The response body, counting bytes; the record is written when it ends or is dropped.
+struct RecordedBody {
+    inner: Body,
+    record: Option<Record>,
+}
+
+impl HttpBody for RecordedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(r)) = (frame.data_ref(), self.record.as_mut()) {
+                    r.bytes_sent += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.record = None,
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(r) = self.record.as_mut() {
+                    r.error.get_or_insert("upstream_reset");
+                }
+                self.record = None;
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
