@@ -105,8 +105,15 @@ impl App {
     /// requests, for at most `drain_timeout`.
     pub async fn shutdown(self, drain_timeout: Duration) {
         self.admin.draining.store(true, Ordering::Relaxed);
-        let drains = self.listeners.into_iter().map(|l| l.drain(drain_timeout));
-        let left: usize = futures_join_all(drains).await.into_iter().sum();
+        let drains: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|l| tokio::spawn(l.drain(drain_timeout)))
+            .collect();
+        let mut left = 0;
+        for d in drains {
+            left += d.await.unwrap_or(0);
+        }
         if left > 0 {
             tracing::warn!(
                 connections = left,
@@ -114,21 +121,6 @@ impl App {
             );
         }
     }
-}
-
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 async fn wait_for_signal() -> io::Result<()> {

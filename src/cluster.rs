@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use http::HeaderName;
 
 use self::balance::{Cumulative, Ring, Schedule};
-use crate::config::raw::{DiscoveryType, HashOn, LbPolicy, RawCluster, UpstreamProtocol};
+use crate::config::raw::{DiscoveryType, LbPolicy, RawCluster, UpstreamProtocol};
 use crate::metrics::ClusterMetrics;
 use crate::upstream::Pool;
 
@@ -64,10 +64,11 @@ impl Cluster {
     /// Builds a cluster; a `static` one has its endpoints at once, a `strict_dns` one once
     /// [`Cluster::start`] has resolved them.
     pub fn new(raw: &RawCluster, metrics: ClusterMetrics) -> Arc<Cluster> {
-        let hash_header = match &raw.hash_on {
-            Some(HashOn::Header(h)) => HeaderName::from_bytes(h.as_bytes()).ok(),
-            _ => None,
-        };
+        let hash_header = raw
+            .hash_on
+            .as_ref()
+            .and_then(|h| h.header.as_ref())
+            .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
         let cluster = Arc::new(Cluster {
             name: raw.name.as_str().into(),
             raw: raw.clone(),
@@ -170,7 +171,12 @@ impl Cluster {
             Balancer::Random(c) => c.pick(),
             Balancer::RingHash(r) => r.pick(hash),
             Balancer::LeastRequest(c) => {
-                let (a, b) = (c.pick(), c.pick());
+                let a = c.pick();
+                let mut b = c.pick();
+                if b == a && eps.len() > 1 {
+                    // Two distinct candidates, so one busy endpoint cannot be picked twice.
+                    b = (a + 1 + fastrand::usize(..eps.len() - 1)) % eps.len();
+                }
                 // Fewer in-flight requests per unit of weight wins.
                 let load = |i: usize| eps[i].active_requests.load(Ordering::Relaxed) as u64;
                 if load(a) * eps[b].weight as u64 <= load(b) * eps[a].weight as u64 {

@@ -128,8 +128,13 @@ pub fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigErrors> {
             Err(e) => {
                 let mut path = segments(e.path());
                 let message = e.inner().to_string();
-                let (message, hint) = explain(&message, &mut path);
-                errors.push(at(source.locate(&path), &path, message, hint));
+                let (message, hint, about_key) = explain(&message, &mut path);
+                let pos = if about_key {
+                    source.locate_key(&path)
+                } else {
+                    source.locate(&path)
+                };
+                errors.push(at(pos, &path, message, hint));
                 if !remove_at(&mut value, &path) {
                     break;
                 }
@@ -177,8 +182,9 @@ fn segments(path: &serde_path_to_error::Path) -> Vec<Seg> {
 }
 
 /// Rewrites serde's message for people and finds a did-you-mean in serde's list of
-/// expected names. For an unknown field, the path is extended to point at the field.
-fn explain(message: &str, path: &mut Vec<Seg>) -> (String, Option<String>) {
+/// expected names. For an unknown field, the path is extended to point at the field, and
+/// the third value says the error is about the key rather than its value.
+fn explain(message: &str, path: &mut Vec<Seg>) -> (String, Option<String>, bool) {
     let ticked: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let field = rest.split('`').next().unwrap_or_default().to_string();
@@ -186,7 +192,7 @@ fn explain(message: &str, path: &mut Vec<Seg>) -> (String, Option<String>) {
             path.push(Seg::Key(field.clone()));
         }
         let hint = did_you_mean(&field, ticked.iter().skip(1).copied());
-        return (format!("unknown field `{field}`"), hint);
+        return (format!("unknown field `{field}`"), hint, true);
     }
     if let Some(rest) = message.strip_prefix("unknown variant `") {
         let variant = rest.split('`').next().unwrap_or_default();
@@ -200,9 +206,10 @@ fn explain(message: &str, path: &mut Vec<Seg>) -> (String, Option<String>) {
         return (
             format!("unknown value `{variant}`, expected one of {expected}"),
             hint,
+            false,
         );
     }
-    (message.to_string(), None)
+    (message.to_string(), None, false)
 }
 
 /// Removes the value at `path` from a mapping; false when that is not possible.
@@ -241,23 +248,28 @@ pub fn did_you_mean<'a>(
         .map(|(_, c)| c.to_string())
 }
 
+/// Optimal string alignment distance: edits, with a swap of neighbours counting as one.
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = if ca == *cb {
-                prev
-            } else {
-                1 + prev.min(row[j]).min(row[j + 1])
-            };
-            prev = cur;
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
         }
     }
-    row[b.len()]
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -271,6 +283,7 @@ mod tests {
             Some("cluster".into())
         );
         assert_eq!(did_you_mean("zzz", ["cluster", "routes"]), None);
+        assert_eq!(did_you_mean("mseh", ["mesh", "edge"]), Some("mesh".into()));
     }
 
     #[test]

@@ -119,9 +119,18 @@ impl SourceMap {
         SourceMap { root }
     }
 
-    /// The position of the deepest node along `path`: the key itself when the path ends on a
-    /// key, the element when it ends on an index. Falls back to the nearest ancestor found.
+    /// The position of the value at `path`, or of the nearest ancestor found.
     pub fn locate(&self, path: &[Seg]) -> Option<Pos> {
+        self.find(path, false)
+    }
+
+    /// Like [`SourceMap::locate`], but a path that ends on a key points at the key itself
+    /// (for errors about the key, such as an unknown field).
+    pub fn locate_key(&self, path: &[Seg]) -> Option<Pos> {
+        self.find(path, true)
+    }
+
+    fn find(&self, path: &[Seg], key_at_end: bool) -> Option<Pos> {
         let mut node = self.root.as_ref()?;
         let mut best = node.pos;
         for seg in path {
@@ -134,8 +143,8 @@ impl SourceMap {
                 _ => None,
             };
             match next {
-                Some((pos, child)) => {
-                    best = pos;
+                Some((key_pos, child)) => {
+                    best = if key_at_end { key_pos } else { child.pos };
                     node = child;
                 }
                 None => break,
@@ -180,10 +189,16 @@ mod tests {
         let text = "clusters:\n  - name: a\n    endpoints: [{ address: x }, { address: y }]\n  - name: b\n";
         let map = SourceMap::parse(text);
         let at = |p: &[Seg]| map.locate(p).unwrap();
-        assert_eq!(at(&[key("clusters")]), Pos { line: 1, column: 1 });
+        assert_eq!(
+            map.locate_key(&[key("clusters")]),
+            Some(Pos { line: 1, column: 1 })
+        );
         assert_eq!(
             at(&[key("clusters"), Seg::Index(1), key("name")]),
-            Pos { line: 4, column: 5 }
+            Pos {
+                line: 4,
+                column: 11
+            }
         );
         let addr = at(&[
             key("clusters"),
@@ -196,7 +211,7 @@ mod tests {
             addr,
             Pos {
                 line: 3,
-                column: 35
+                column: 44
             }
         );
         // A missing key falls back to its parent.

@@ -267,15 +267,14 @@ pub enum LbPolicy {
     RingHash,
 }
 
-/// What `ring_hash` hashes.
+/// What `ring_hash` hashes: a request header's value when `header` is set and the request
+/// has it, else the client's IP address.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum HashOn {
-    /// The client's IP address (default).
-    #[default]
-    ClientAddress,
-    /// A request header's value; requests without it hash on the client address.
-    Header(String),
+#[serde(deny_unknown_fields)]
+pub struct HashOn {
+    /// Header to hash. Default: none (hash the client address).
+    #[serde(default)]
+    pub header: Option<String>,
 }
 
 /// The protocol remora speaks to a cluster's endpoints.
@@ -300,7 +299,7 @@ pub struct RawCluster {
     /// `round_robin` (default), `least_request`, `random` or `ring_hash`.
     #[serde(default)]
     pub lb_policy: LbPolicy,
-    /// For `ring_hash`: `client_address` (default) or `{ header: NAME }`.
+    /// For `ring_hash`: `{ header: NAME }`; default and fallback: the client address.
     #[serde(default)]
     pub hash_on: Option<HashOn>,
     /// `http1` (default) or `http2` (h2c).

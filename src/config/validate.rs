@@ -9,6 +9,7 @@ use http::{HeaderName, HeaderValue, Method};
 use super::did_you_mean;
 use super::locate::Seg;
 use super::raw::*;
+use crate::router::full_match_regex;
 
 /// One semantic problem, located by field path.
 pub struct Problem {
@@ -123,7 +124,8 @@ fn check_listeners(out: &mut Problems, raw: &RawConfig, route_names: &HashSet<&s
     for (i, l) in raw.listeners.iter().enumerate() {
         match l.address.parse::<SocketAddr>() {
             Err(_) => out.add(p!["listeners", i, "address"], bad_socket(&l.address)),
-            Ok(addr) => {
+            // Port 0 asks the OS for a free port, so it never collides.
+            Ok(addr) if addr.port() != 0 => {
                 if let Some(other) = addresses.insert(addr, &l.name) {
                     out.add(
                         p!["listeners", i, "address"],
@@ -131,6 +133,7 @@ fn check_listeners(out: &mut Problems, raw: &RawConfig, route_names: &HashSet<&s
                     );
                 }
             }
+            Ok(_) => {}
         }
         if !route_names.contains(l.route_config.as_str()) {
             out.unknown(
@@ -208,6 +211,17 @@ fn check_route_config(out: &mut Problems, i: usize, rc: &RawRouteConfig, cluster
     }
 }
 
+/// One line for a regex error (the regex crate's own message spans several lines).
+fn regex_problem(pattern: &str, e: &regex::Error) -> String {
+    let text = e.to_string();
+    let why = text
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    format!("invalid regex `{pattern}`: {why}")
+}
+
 fn domain_problem(domain: &str) -> Option<String> {
     if domain.is_empty() {
         return Some("domain must not be empty".into());
@@ -249,8 +263,8 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &Hash
         }
     }
     if let Some(re) = &m.regex {
-        if let Err(e) = regex::Regex::new(re) {
-            out.add(path(p!["match", "regex"]), format!("invalid regex: {e}"));
+        if let Err(e) = full_match_regex(re) {
+            out.add(path(p!["match", "regex"]), regex_problem(re, &e));
         }
     }
     for (k, method) in m.methods.iter().flatten().enumerate() {
@@ -288,8 +302,8 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &Hash
             );
         }
         if let Some(re) = &hm.regex {
-            if let Err(e) = regex::Regex::new(re) {
-                out.add(at(p!["regex"]), format!("invalid regex: {e}"));
+            if let Err(e) = full_match_regex(re) {
+                out.add(at(p!["regex"]), regex_problem(re, &e));
             }
         }
     }
@@ -440,7 +454,7 @@ fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster) {
             "only applies with `lb_policy: ring_hash`",
         );
     }
-    if let Some(HashOn::Header(h)) = &c.hash_on {
+    if let Some(HashOn { header: Some(h) }) = &c.hash_on {
         if HeaderName::from_bytes(h.as_bytes()).is_err() {
             out.add(
                 p!["clusters", i, "hash_on", "header"],

@@ -1,0 +1,140 @@
+//! Admin endpoints, metrics and the access log.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn metrics_count_exactly_the_requests_sent() {
+    let up = Upstream::start("up").await;
+    let routes = r#"
+      - name: all
+        domains: ["*"]
+        routes:
+          - { match: { prefix: /missing }, direct_response: { status: 404 } }
+          - { match: { prefix: / }, cluster: up }
+"#;
+    let p = proxy(&config(routes, &cluster("up", &[(up.port(), 1)], ""))).await;
+    let cl = client();
+    for _ in 0..37 {
+        get(&cl, p.addr, "svc", "/ok", &[]).await;
+    }
+    for _ in 0..5 {
+        get(&cl, p.addr, "svc", "/missing", &[]).await;
+    }
+    // The record is written when the response body ends; give the last one a moment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let m = |s: &'static str| metric(p.admin, s);
+    assert_eq!(
+        m("remora_downstream_requests_total{code_class=\"2xx\",listener=\"main\"}").await,
+        37.0
+    );
+    assert_eq!(
+        m("remora_downstream_requests_total{code_class=\"4xx\",listener=\"main\"}").await,
+        5.0
+    );
+    assert_eq!(
+        m("remora_upstream_requests_total{cluster=\"up\",code_class=\"2xx\"}").await,
+        37.0
+    );
+    assert_eq!(
+        m("remora_downstream_request_duration_seconds_count{listener=\"main\"}").await,
+        42.0
+    );
+    assert_eq!(
+        m("remora_upstream_request_duration_seconds_count{cluster=\"up\"}").await,
+        37.0
+    );
+    assert_eq!(
+        m("remora_upstream_connections_active{cluster=\"up\"}").await,
+        1.0
+    );
+    assert_eq!(
+        m("remora_downstream_connections_active{listener=\"main\"}").await,
+        1.0
+    );
+    assert_eq!(
+        m("remora_cluster_endpoints{cluster=\"up\",state=\"healthy\"}").await,
+        1.0
+    );
+    assert_eq!(
+        m("remora_config_reloads_total{result=\"success\",source=\"startup\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn ready_live_config_and_clusters() {
+    let up = Upstream::start("up").await;
+    let routes =
+        "      - { name: all, domains: [\"*\"], routes: [{ match: { prefix: / }, cluster: up }] }";
+    let p = proxy(&config(routes, &cluster("up", &[(up.port(), 2)], ""))).await;
+    let cl = client();
+    assert_eq!(get(&cl, p.admin, "a", "/ready", &[]).await.status, 200);
+    assert_eq!(get(&cl, p.admin, "a", "/live", &[]).await.status, 200);
+    let config: serde_json::Value =
+        serde_json::from_str(&get(&cl, p.admin, "a", "/config", &[]).await.body).unwrap();
+    assert_eq!(config["version"], 1);
+    assert_eq!(config["source"], "test.yaml");
+    assert_eq!(config["config"]["clusters"][0]["name"], "up");
+    assert_eq!(config["hash"].as_str().unwrap().len(), 16);
+    let clusters: serde_json::Value =
+        serde_json::from_str(&get(&cl, p.admin, "a", "/clusters", &[]).await.body).unwrap();
+    let ep = &clusters["clusters"][0]["endpoints"][0];
+    assert_eq!(ep["address"], format!("127.0.0.1:{}", up.port()));
+    assert_eq!(ep["weight"], 2);
+    assert_eq!(get(&cl, p.admin, "a", "/nope", &[]).await.status, 404);
+}
+
+#[tokio::test]
+async fn access_log_writes_one_json_line_per_request() {
+    let up = Upstream::start("up").await;
+    let dir = std::env::temp_dir().join(format!("remora-al-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let _ = std::fs::remove_file(&log);
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc, access_log: {{ path: \"{}\" }} }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ name: r1, match: {{ prefix: / }}, cluster: up }}] }}\n\
+         clusters:\n  - {{ name: up, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
+        log.display(),
+        up.port()
+    );
+    let p = proxy(&yaml).await;
+    let cl = client();
+    get(
+        &cl,
+        p.addr,
+        "svc.local",
+        "/first",
+        &[("x-request-id", "rid-1")],
+    )
+    .await;
+    get(&cl, p.addr, "svc.local", "/second", &[]).await;
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        lines = text.lines().map(str::to_owned).collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["authority"], "svc.local");
+    assert_eq!(first["path"], "/first");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["route"], "r1");
+    assert_eq!(first["cluster"], "up");
+    assert_eq!(first["upstream"], format!("127.0.0.1:{}", up.port()));
+    assert_eq!(first["request_id"], "rid-1");
+    assert_eq!(first["bytes_sent"], 2);
+    assert!(first["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(second["request_id"].as_str().unwrap().len(), 36);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,11 @@
+//! Integration tests: real upstreams and a real remora on 127.0.0.1:0, real clients.
+
+mod admin;
+mod balancing;
+mod cli;
+mod forwarding;
+mod grpc;
+mod limits;
+mod routing;
+mod streaming;
+mod support;

@@ -1,0 +1,242 @@
+//! Test kit: real upstream servers and a real remora on 127.0.0.1:0, and clients.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use remora::app::App;
+use remora::body::{self, Body};
+
+/// A request as an upstream saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+struct UpstreamState {
+    name: String,
+    seen: Mutex<Vec<Seen>>,
+    connections: AtomicUsize,
+    delay_ms: AtomicUsize,
+    status: AtomicUsize,
+}
+
+/// A real HTTP server (HTTP/1.1 and h2c) that answers with its own name.
+/// `/echo` streams the request body back; `/stream` sends 5 chunks 50 ms apart.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            name: name.to_string(),
+            seen: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
+            delay_ms: AtomicUsize::new(0),
+            status: AtomicUsize::new(200),
+        });
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = socket.accept().await {
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| answer(st.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, state }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        self.state
+            .delay_ms
+            .store(d.as_millis() as usize, Ordering::SeqCst);
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status as usize, Ordering::SeqCst);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.seen.lock().unwrap().len()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(
+    st: Arc<UpstreamState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    st.seen.lock().unwrap().push(Seen {
+        method: req.method().clone(),
+        uri: req.uri().to_string(),
+        version: req.version(),
+        headers: req.headers().clone(),
+    });
+    let delay = st.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+    }
+    let status = StatusCode::from_u16(st.status.load(Ordering::SeqCst) as u16).unwrap();
+    let resp = match req.uri().path() {
+        "/echo" => Response::new(body::incoming(req.into_body())),
+        "/stream" => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, body::BoxError>>(1);
+            tokio::spawn(async move {
+                for i in 0..5 {
+                    let chunk = Frame::data(Bytes::from(format!("chunk{i}\n")));
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            Response::new(StreamBody::new(stream).boxed_unsync())
+        }
+        _ => Response::new(body::full(st.name.clone())),
+    };
+    let (mut parts, b) = resp.into_parts();
+    parts.status = status;
+    parts.headers.insert("x-upstream", st.name.parse().unwrap());
+    Ok(Response::from_parts(parts, b))
+}
+
+/// A running remora in this process; its listener must be named `main`.
+pub struct Proxy {
+    pub app: App,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Starts remora on `yaml` (listeners on port 0 are fine).
+pub async fn proxy(yaml: &str) -> Proxy {
+    let raw = remora::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let app = App::start(raw, "test.yaml", yaml).await.unwrap();
+    Proxy {
+        addr: app.listener_address("main").expect("listener `main`"),
+        admin: app.admin_address,
+        app,
+    }
+}
+
+/// A config with one listener `main` and the given route and cluster sections.
+pub fn config(routes: &str, clusters: &str) -> String {
+    format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n{routes}\n\
+         clusters:\n{clusters}\n"
+    )
+}
+
+/// A cluster block with static endpoints: `("c1", &[(port, weight)], extra yaml)`.
+pub fn cluster(name: &str, endpoints: &[(u16, u32)], extra: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|(p, w)| format!("{{ address: \"127.0.0.1:{p}\", weight: {w} }}"))
+        .collect();
+    format!(
+        "  - name: {name}\n    endpoints: [{}]\n{extra}",
+        eps.join(", ")
+    )
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1.1 keep-alive client.
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c (prior knowledge) client.
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+/// Sends a request and reads the whole answer.
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Answer {
+    let resp = client.request(req).await.expect("request");
+    let (parts, b) = resp.into_parts();
+    let body = b.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// GET `path` on `addr` with the given Host and extra headers.
+pub async fn get(
+    client: &TestClient,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut req = Request::get(format!("http://{addr}{path}")).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(client, req.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// The value of one metric sample from `/metrics`, e.g.
+/// `remora_upstream_requests_total{cluster="a",code_class="2xx"}`.
+pub async fn metric(admin: SocketAddr, sample: &str) -> f64 {
+    let text = get(&client(), admin, "admin", "/metrics", &[]).await.body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
+}
