@@ -5,10 +5,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn one_route(action: &str) -> String {
-    format!("      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, {action} }}] }}")
-}
-
 async fn tally(p: &Proxy, n: usize, headers: &[(&str, &str)]) -> HashMap<String, usize> {
     let cl = client();
     let mut counts = HashMap::new();

@@ -4,15 +4,11 @@ use http::Request;
 
 use crate::support::*;
 
-fn one_route(cluster: &str) -> String {
-    format!("      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: {cluster} }}] }}")
-}
-
 #[tokio::test]
 async fn forwarding_headers_follow_the_design() {
     let up = Upstream::start("up").await;
     let p = proxy(&config(
-        &one_route("up"),
+        &one_route("cluster: up"),
         &cluster("up", &[(up.port(), 1)], ""),
     ))
     .await;
@@ -63,7 +59,7 @@ async fn forwarding_headers_follow_the_design() {
 async fn upstream_connections_are_pooled_and_reused() {
     let up = Upstream::start("up").await;
     let p = proxy(&config(
-        &one_route("up"),
+        &one_route("cluster: up"),
         &cluster("up", &[(up.port(), 1)], ""),
     ))
     .await;
@@ -116,7 +112,7 @@ async fn upstream_errors_pass_through_untouched_and_methods_are_kept() {
     let up = Upstream::start("up").await;
     up.set_status(503);
     let p = proxy(&config(
-        &one_route("up"),
+        &one_route("cluster: up"),
         &cluster("up", &[(up.port(), 1)], ""),
     ))
     .await;
@@ -143,7 +139,7 @@ async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
     let up = Upstream::start("up").await;
     up.set_delay(std::time::Duration::from_millis(500));
     let p = proxy(&config(
-        &one_route("up"),
+        &one_route("cluster: up"),
         &cluster("up", &[(up.port(), 1)], ""),
     ))
     .await;

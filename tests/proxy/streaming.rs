@@ -11,15 +11,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
 
-fn one_route(cluster: &str) -> String {
-    format!("      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: {cluster} }}] }}")
-}
-
 #[tokio::test]
 async fn large_bodies_stream_through_in_both_directions() {
     let up = Upstream::start("up").await;
     let p = proxy(&config(
-        &one_route("up"),
+        &one_route("cluster: up"),
         &cluster("up", &[(up.port(), 1)], ""),
     ))
     .await;
@@ -39,7 +35,7 @@ async fn large_bodies_stream_through_in_both_directions() {
 async fn a_streaming_response_arrives_chunk_by_chunk() {
     let up = Upstream::start("up").await;
     let p = proxy(&config(
-        &one_route("up"),
+        &one_route("cluster: up"),
         &cluster("up", &[(up.port(), 1)], ""),
     ))
     .await;
@@ -80,7 +76,11 @@ async fn websocket_echo_through_the_proxy() {
             });
         }
     });
-    let p = proxy(&config(&one_route("ws"), &cluster("ws", &[(port, 1)], ""))).await;
+    let p = proxy(&config(
+        &one_route("cluster: ws"),
+        &cluster("ws", &[(port, 1)], ""),
+    ))
+    .await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/chat", p.addr), stream)
         .await

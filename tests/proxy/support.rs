@@ -164,6 +164,12 @@ pub fn config(routes: &str, clusters: &str) -> String {
     )
 }
 
+/// One virtual host for any authority with one route on `/` and the given action,
+/// e.g. `cluster: up`.
+pub fn one_route(action: &str) -> String {
+    format!("      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, {action} }}] }}")
+}
+
 /// A cluster block with static endpoints: `("c1", &[(port, weight)], extra yaml)`.
 pub fn cluster(name: &str, endpoints: &[(u16, u32)], extra: &str) -> String {
     let eps: Vec<String> = endpoints
