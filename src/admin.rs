@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use crate::access_log::rfc3339;
 use crate::body::{self, Body};
 use crate::metrics::Metrics;
+use crate::reloader::Rejection;
 use crate::snapshot::SnapshotStore;
 
 /// What the admin endpoints report on.
@@ -26,6 +27,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Shutting down: `/ready` answers 503.
     pub draining: AtomicBool,
+    /// The last config the reloader refused, shown by `/config`.
+    pub last_rejected: Mutex<Option<Rejection>>,
 }
 
 /// Binds the admin address and serves it until the process ends.
@@ -86,6 +89,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 "hash": snap.hash,
                 "loaded_at": rfc3339(snap.loaded_at),
                 "config": snap.raw,
+                "last_rejected": *state.last_rejected.lock().expect("admin lock"),
             }))
         }
         "/clusters" => {
@@ -103,8 +107,8 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                                 "address": e.address.to_string(),
                                 "weight": e.weight,
                                 "health": "healthy",
-                                "active_requests": e.active_requests.load(Ordering::Relaxed),
-                                "idle_connections": e.pool.idle_count(),
+                                "active_requests": e.state.active_requests.load(Ordering::Relaxed),
+                                "idle_connections": e.state.pool.idle_count(),
                             })
                         })
                         .collect();

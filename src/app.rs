@@ -1,24 +1,48 @@
 //! Startup and shutdown: compile the first snapshot, start clusters, bind the admin server
-//! and the listeners; on SIGTERM/SIGINT, drain and stop.
+//! and the listeners, hand them to the reloader; on SIGHUP reload; on SIGTERM/SIGINT drain
+//! and stop.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::{self, AdminState};
 use crate::cluster::balance::hash_bytes;
 use crate::config::compile::{compile, Origin};
 use crate::config::RawConfig;
-use crate::listener::{self, Listener};
+use crate::listener;
 use crate::metrics::Metrics;
+use crate::reloader::{Command, Outcome, Reloader, Trigger, DNS_WARMUP};
 use crate::snapshot::SnapshotStore;
 
-/// How long startup waits for `strict_dns` clusters' first answers before serving anyway.
-const DNS_WARMUP: Duration = Duration::from_secs(5);
-/// Default time in-flight requests get to finish at shutdown.
+/// Default time between SIGTERM and closing the listeners, while `/ready` says 503.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// Default time in-flight requests get to finish after the listeners close.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Where the config came from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A file: watched and re-read on reload.
+    File(PathBuf),
+    /// Text with a name to report it by (`demo`, tests); changed only through [`App::apply`].
+    Inline(String),
+}
+
+impl ConfigSource {
+    pub fn name(&self) -> String {
+        match self {
+            ConfigSource::File(p) => p.display().to_string(),
+            ConfigSource::Inline(n) => n.clone(),
+        }
+    }
+}
 
 /// A running remora.
 pub struct App {
@@ -26,7 +50,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub admin: Arc<AdminState>,
     pub admin_address: SocketAddr,
-    listeners: Vec<Listener>,
+    source: ConfigSource,
+    control: mpsc::Sender<Command>,
+    addresses: watch::Receiver<HashMap<String, SocketAddr>>,
 }
 
 /// Hex hash of config text, shown in `/config` and used to skip reloads that change nothing.
@@ -35,21 +61,16 @@ pub fn config_hash(text: &str) -> String {
 }
 
 impl App {
-    /// Starts serving a validated config. `source` names where it came from; `text` is what
-    /// it was parsed from (for the hash).
-    pub async fn start(raw: RawConfig, source: &str, text: &str) -> io::Result<App> {
+    /// Starts serving a validated config, parsed from `text`.
+    pub async fn start(raw: RawConfig, source: ConfigSource, text: &str) -> io::Result<App> {
         let metrics = Arc::new(Metrics::new());
         let origin = Origin {
             version: 1,
-            source: source.to_string(),
+            source: source.name(),
             hash: config_hash(text),
         };
         let snapshot = compile(raw, origin, &metrics, None);
-        let warmups: Vec<_> = snapshot
-            .clusters
-            .values()
-            .filter_map(|c| c.start())
-            .collect();
+        let warmups: Vec<_> = snapshot.clusters.values().filter_map(|c| c.start()).collect();
         for w in warmups {
             let _ = tokio::time::timeout(DNS_WARMUP, w).await;
         }
@@ -61,19 +82,35 @@ impl App {
             metrics: metrics.clone(),
             ready: false.into(),
             draining: false.into(),
+            last_rejected: Default::default(),
         });
         let admin_address = admin::serve(admin_wanted, admin.clone()).await?;
-        let mut listeners = Vec::new();
+        let mut prepared = Vec::new();
         for settings in listener_settings {
-            listeners.push(listener::bind(settings, store.clone()).await?);
+            prepared.push(listener::prepare(settings, store.clone()).await?);
         }
+        let listeners = prepared.into_iter().map(|p| p.start()).collect();
+        let (control, commands) = mpsc::channel(16);
+        let (addresses_tx, addresses) = watch::channel(HashMap::new());
+        let reloader = Reloader {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            admin: admin.clone(),
+            listeners,
+            file: match &source {
+                ConfigSource::File(p) => Some(p.clone()),
+                ConfigSource::Inline(_) => None,
+            },
+            addresses: addresses_tx,
+        };
+        let mut ready_addresses = addresses.clone();
+        tokio::spawn(reloader.run(commands));
+        let _ = ready_addresses.changed().await;
         metrics
             .config_reloads
             .with_label_values(&["startup", "success"])
             .inc();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         metrics.config_last_success.set(now.as_secs_f64());
         admin.ready.store(true, Ordering::Relaxed);
         Ok(App {
@@ -81,55 +118,128 @@ impl App {
             metrics,
             admin,
             admin_address,
-            listeners,
+            source,
+            control,
+            addresses,
         })
     }
 
     /// The address a listener is bound to (useful with port 0).
     pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|l| &*l.settings.name == name)
-            .map(|l| l.local_addr)
+        self.addresses.borrow().get(name).copied()
     }
 
-    /// Serves until SIGTERM or SIGINT, then shuts down gracefully.
+    /// Reads the config file again and applies it if it changed.
+    pub async fn reload(&self, trigger: Trigger) -> Outcome {
+        self.command(trigger, None).await
+    }
+
+    /// Applies config text from a caller, as a reload would a file.
+    pub async fn apply(&self, text: String, name: &str) -> Outcome {
+        self.command(Trigger::Api, Some((text, name.to_string())))
+            .await
+    }
+
+    async fn command(&self, trigger: Trigger, text: Option<(String, String)>) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Reload {
+            trigger,
+            text,
+            reply,
+        };
+        if self.control.send(cmd).await.is_err() {
+            return Outcome::Rejected(vec!["shutting down".into()]);
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Outcome::Rejected(vec!["shutting down".into()]))
+    }
+
+    /// Reloads whenever the config file's content changes.
+    pub fn watch_config_file(&self) {
+        let ConfigSource::File(path) = &self.source else {
+            return;
+        };
+        let (tx, mut changes) = mpsc::channel(1);
+        crate::config::watch::spawn(path.clone(), tx);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            while changes.recv().await.is_some() {
+                let (reply, answer) = oneshot::channel();
+                let cmd = Command::Reload {
+                    trigger: Trigger::File,
+                    text: None,
+                    reply,
+                };
+                if control.send(cmd).await.is_err() {
+                    return;
+                }
+                let _ = answer.await;
+            }
+        });
+    }
+
+    /// Serves, reloading on SIGHUP, until SIGTERM or SIGINT; then shuts down gracefully:
+    /// `/ready` says 503 at once, listeners keep accepting for the drain delay (so the
+    /// endpoint can be deregistered), then close, and in-flight requests get up to the
+    /// drain timeout. A second SIGTERM/SIGINT exits at once.
     pub async fn run_until_signal(self) -> io::Result<()> {
-        wait_for_signal().await?;
-        tracing::info!("signal received; draining");
-        self.shutdown(DEFAULT_DRAIN_TIMEOUT).await;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    self.reload(Trigger::Signal).await;
+                }
+            }
+        }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(1);
+        });
+        let (delay, timeout) = self.drain_times();
+        tracing::info!(?delay, ?timeout, "shutting down: draining");
+        self.admin.draining.store(true, Ordering::Relaxed);
+        tokio::time::sleep(delay).await;
+        let left = self.shutdown(timeout).await;
+        if left > 0 {
+            tracing::warn!(connections = left, "drain timeout reached; closing the rest");
+        }
         Ok(())
     }
 
-    /// Turns `/ready` to 503, stops accepting, and lets open connections finish their
-    /// requests, for at most `drain_timeout`.
-    pub async fn shutdown(self, drain_timeout: Duration) {
-        self.admin.draining.store(true, Ordering::Relaxed);
-        let drains: Vec<_> = self
-            .listeners
-            .into_iter()
-            .map(|l| tokio::spawn(l.drain(drain_timeout)))
-            .collect();
-        let mut left = 0;
-        for d in drains {
-            left += d.await.unwrap_or(0);
-        }
-        if left > 0 {
-            tracing::warn!(
-                connections = left,
-                "drain timeout reached; closing the rest"
-            );
-        }
+    /// The drain delay and timeout of the running config.
+    pub fn drain_times(&self) -> (Duration, Duration) {
+        let snap = self.store.load();
+        let s = snap.raw.shutdown.as_ref();
+        (
+            s.and_then(|s| s.drain_delay).map_or(DEFAULT_DRAIN_DELAY, |d| d.0),
+            s.and_then(|s| s.drain_timeout).map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+        )
     }
-}
 
-async fn wait_for_signal() -> io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    /// Turns `/ready` to 503, closes the listeners and lets open connections finish their
+    /// requests for at most `timeout`. Returns how many connections were still open.
+    pub async fn shutdown(self, timeout: Duration) -> usize {
+        self.admin.draining.store(true, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        if self
+            .control
+            .send(Command::Shutdown { timeout, reply })
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        answer.await.unwrap_or(0)
     }
-    Ok(())
 }

@@ -23,10 +23,17 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `dns_refresh_rate`.
 pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
 
-/// One upstream address and its pooled connections.
+/// One upstream address with its weight, and its state.
 pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,
+    /// Survives reloads and re-resolution while the address remains in the cluster.
+    pub state: Arc<EndpointState>,
+}
+
+/// What an endpoint keeps across config changes: its connections and counters.
+#[derive(Default)]
+pub struct EndpointState {
     /// Requests in flight to this endpoint (for `least_request` and `/clusters`).
     pub active_requests: AtomicUsize,
     pub pool: Pool,
@@ -62,8 +69,10 @@ pub struct Cluster {
 
 impl Cluster {
     /// Builds a cluster; a `static` one has its endpoints at once, a `strict_dns` one once
-    /// [`Cluster::start`] has resolved them.
-    pub fn new(raw: &RawCluster, metrics: ClusterMetrics) -> Arc<Cluster> {
+    /// [`Cluster::start`] has resolved them (until then it serves `previous`'s endpoints).
+    /// Endpoints that were in `previous`, the same cluster before a config change, keep
+    /// their connections and counters.
+    pub fn new(raw: &RawCluster, metrics: ClusterMetrics, previous: Option<&Cluster>) -> Arc<Cluster> {
         let hash_header = raw
             .hash_on
             .as_ref()
@@ -83,6 +92,16 @@ impl Cluster {
                 balancer: None,
             }),
         });
+        if let Some(previous) = previous {
+            let carried = previous
+                .members()
+                .endpoints
+                .iter()
+                .map(|e| (e.address, e.weight))
+                .collect();
+            cluster.members.store(previous.members());
+            cluster.set_endpoints(carried);
+        }
         if raw.discovery == DiscoveryType::Static {
             let addrs = raw
                 .endpoints
@@ -119,25 +138,22 @@ impl Cluster {
         self.members.load_full()
     }
 
-    /// Replaces the endpoint list; endpoints whose address remains keep their pool and counters.
+    /// Replaces the endpoint list; endpoints whose address remains keep their state.
     pub fn set_endpoints(&self, addrs: Vec<(SocketAddr, u32)>) {
         let old = self.members.load();
         let endpoints: Vec<Arc<Endpoint>> = addrs
             .into_iter()
             .map(|(address, weight)| {
-                match old
+                let state = old
                     .endpoints
                     .iter()
-                    .find(|e| e.address == address && e.weight == weight)
-                {
-                    Some(e) => e.clone(),
-                    None => Arc::new(Endpoint {
-                        address,
-                        weight,
-                        active_requests: AtomicUsize::new(0),
-                        pool: Pool::new(),
-                    }),
-                }
+                    .find(|e| e.address == address)
+                    .map_or_else(Default::default, |e| e.state.clone());
+                Arc::new(Endpoint {
+                    address,
+                    weight,
+                    state,
+                })
             })
             .collect();
         let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
@@ -178,7 +194,7 @@ impl Cluster {
                     b = (a + 1 + fastrand::usize(..eps.len() - 1)) % eps.len();
                 }
                 // Fewer in-flight requests per unit of weight wins.
-                let load = |i: usize| eps[i].active_requests.load(Ordering::Relaxed) as u64;
+                let load = |i: usize| eps[i].state.active_requests.load(Ordering::Relaxed) as u64;
                 if load(a) * eps[b].weight as u64 <= load(b) * eps[a].weight as u64 {
                     a
                 } else {
@@ -199,7 +215,7 @@ fn spawn_reaper(cluster: Weak<Cluster>, idle: Duration) {
                 return;
             };
             for e in cluster.members().endpoints.iter() {
-                e.pool.close_idle_older_than(idle);
+                e.state.pool.close_idle_older_than(idle);
             }
         }
     });

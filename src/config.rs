@@ -9,6 +9,7 @@ pub mod duration;
 pub mod locate;
 pub mod raw;
 mod validate;
+pub mod watch;
 
 use std::fmt;
 use std::path::Path;

@@ -11,7 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::app::App;
+use crate::app::{App, ConfigSource};
 use crate::body;
 
 /// The demo config, with `{{V1_PORT}}` and `{{V2_PORT}}` to fill in.
@@ -25,7 +25,7 @@ pub async fn run() -> anyhow::Result<()> {
         .replace("{{V1_PORT}}", &v1.port().to_string())
         .replace("{{V2_PORT}}", &v2.port().to_string());
     let raw = crate::config::parse(&text, "<demo>")?;
-    let app = App::start(raw, "demo", &text).await?;
+    let app = App::start(raw, ConfigSource::Inline("demo".into()), &text).await?;
     let proxy = app.listener_address("demo").expect("demo listener");
     let admin = app.admin_address;
     println!(

@@ -13,6 +13,7 @@ pub mod forward;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod reloader;
 pub mod router;
 pub mod snapshot;
 pub mod upstream;

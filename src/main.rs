@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use remora::app::App;
+use remora::app::{App, ConfigSource};
 use remora::config;
 
 #[derive(Parser)]
@@ -72,12 +72,11 @@ fn main() -> ExitCode {
                 }
             };
             let workers = raw.workers.unwrap_or_else(remora::workers::default_workers);
-            let source = config.display().to_string();
+            let source = config.clone();
             run_async(workers, async move {
-                App::start(raw, &source, &text)
-                    .await?
-                    .run_until_signal()
-                    .await?;
+                let app = App::start(raw, ConfigSource::File(source), &text).await?;
+                app.watch_config_file();
+                app.run_until_signal().await?;
                 Ok(())
             })
         }

@@ -264,7 +264,7 @@ impl Record {
 
     /// Counts the request as in flight on `endpoint` until the record is done.
     fn track(&mut self, endpoint: Arc<Endpoint>) {
-        endpoint.active_requests.fetch_add(1, Ordering::Relaxed);
+        endpoint.state.active_requests.fetch_add(1, Ordering::Relaxed);
         self.endpoint = Some(endpoint);
     }
 }
@@ -281,7 +281,7 @@ fn authority_for_log(req: &Request<Incoming>) -> String {
 impl Drop for Record {
     fn drop(&mut self) {
         if let Some(ep) = &self.endpoint {
-            ep.active_requests.fetch_sub(1, Ordering::Relaxed);
+            ep.state.active_requests.fetch_sub(1, Ordering::Relaxed);
         }
         let elapsed = self.started.elapsed();
         self.metrics.request(self.status, elapsed.as_secs_f64());

@@ -141,7 +141,7 @@ async fn send_h1(
     req: Request<Body>,
 ) -> Result<Response<Body>, UpstreamError> {
     let addr = ep.address;
-    let (mut sender, reused) = match ep.pool.take_h1(cluster.idle_timeout).await {
+    let (mut sender, reused) = match ep.state.pool.take_h1(cluster.idle_timeout).await {
         Some(s) => (s, true),
         None => (connect_h1(cluster, addr, false).await?, false),
     };
@@ -198,7 +198,7 @@ async fn send_h2(
             }
         },
     };
-    ep.pool.h2.lock().expect("pool lock").take();
+    ep.state.pool.h2.lock().expect("pool lock").take();
     let mut sender = h2_sender(cluster, ep).await?;
     match sender.send_request(req).await {
         Ok(resp) => Ok(resp.map(body::incoming)),
@@ -218,12 +218,12 @@ async fn h2_sender(
             .filter(|s| !s.is_closed())
             .cloned()
     };
-    if let Some(s) = live(&ep.pool) {
+    if let Some(s) = live(&ep.state.pool) {
         return Ok(s);
     }
     // One connection attempt at a time; the others wait and share it.
-    let _connecting = ep.pool.h2_connecting.lock().await;
-    if let Some(s) = live(&ep.pool) {
+    let _connecting = ep.state.pool.h2_connecting.lock().await;
+    if let Some(s) = live(&ep.state.pool) {
         return Ok(s);
     }
     let addr = ep.address;
@@ -240,7 +240,7 @@ async fn h2_sender(
         }
         gauge.dec();
     });
-    *ep.pool.h2.lock().expect("pool lock") = Some(sender.clone());
+    *ep.state.pool.h2.lock().expect("pool lock") = Some(sender.clone());
     Ok(sender)
 }
 
@@ -293,7 +293,7 @@ fn pooled_response(
 ) -> Response<Body> {
     resp.map(|inner| {
         if inner.is_end_stream() {
-            ep.pool.put_h1(sender);
+            ep.state.pool.put_h1(sender);
             return body::incoming(inner);
         }
         PooledBody {
@@ -341,7 +341,7 @@ impl HttpBody for PooledBody {
 impl PooledBody {
     fn give_back(&mut self) {
         if let Some((sender, ep)) = self.give_back.take() {
-            ep.pool.put_h1(sender);
+            ep.state.pool.put_h1(sender);
         }
     }
 }

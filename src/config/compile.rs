@@ -44,11 +44,11 @@ pub fn compile(
 ) -> Snapshot {
     let mut clusters = BTreeMap::new();
     for c in &raw.clusters {
-        let reused = previous
-            .and_then(|p| p.clusters.get(&c.name))
-            .filter(|old| old.raw == *c)
-            .cloned();
-        let cluster = reused.unwrap_or_else(|| Cluster::new(c, metrics.cluster(&c.name)));
+        let old = previous.and_then(|p| p.clusters.get(&c.name));
+        let cluster = match old {
+            Some(old) if old.raw == *c => old.clone(),
+            _ => Cluster::new(c, metrics.cluster(&c.name), old.map(|o| &**o)),
+        };
         clusters.insert(c.name.clone(), cluster);
     }
     let route_tables: HashMap<String, Arc<RouteTable>> = raw

@@ -19,6 +19,9 @@ pub struct RawConfig {
     /// Changing it needs a restart.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Graceful shutdown timing.
+    #[serde(default)]
+    pub shutdown: Option<RawShutdown>,
     /// Where remora accepts connections.
     #[serde(default)]
     pub listeners: Vec<RawListener>,
@@ -35,6 +38,19 @@ pub struct RawConfig {
 pub struct RawAdmin {
     /// `ip:port` to serve the admin endpoints on. Default `127.0.0.1:9901`; keep it on loopback.
     pub address: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    /// After SIGTERM/SIGINT, keep serving this long with `/ready` at 503 so the endpoint can
+    /// be deregistered, then stop accepting. Default `5s`.
+    #[serde(default)]
+    pub drain_delay: Option<Dur>,
+    /// Then give in-flight requests this long to finish. Default `25s` (inside Kubernetes'
+    /// default 30s grace period together with the delay).
+    #[serde(default)]
+    pub drain_timeout: Option<Dur>,
 }
 
 /// How a listener speaks HTTP to its clients.

@@ -113,7 +113,7 @@ async fn run_serves_then_exits_0_on_sigterm() {
     };
     let (listen, admin) = (free(), free());
     let yaml = format!(
-        "admin: {{ address: \"{admin}\" }}\nlisteners:\n  - {{ name: main, address: \"{listen}\", route_config: rc }}\n\
+        "admin: {{ address: \"{admin}\" }}\nshutdown: {{ drain_delay: 200ms }}\nlisteners:\n  - {{ name: main, address: \"{listen}\", route_config: rc }}\n\
          route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: up }}] }}\n\
          clusters:\n  - {{ name: up, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
         up.port()

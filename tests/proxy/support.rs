@@ -15,7 +15,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use remora::app::App;
+use remora::app::{App, ConfigSource};
 use remora::body::{self, Body};
 
 /// A request as an upstream saw it.
@@ -146,7 +146,9 @@ pub struct Proxy {
 /// Starts remora on `yaml` (listeners on port 0 are fine).
 pub async fn proxy(yaml: &str) -> Proxy {
     let raw = remora::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
-    let app = App::start(raw, "test.yaml", yaml).await.unwrap();
+    let app = App::start(raw, ConfigSource::Inline("test.yaml".into()), yaml)
+        .await
+        .unwrap();
     Proxy {
         addr: app.listener_address("main").expect("listener `main`"),
         admin: app.admin_address,

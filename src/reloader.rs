@@ -1,0 +1,336 @@
+//! The one writer: every config change (file watcher, SIGHUP, API) goes through this task:
+//! parse → validate → compile → bind new listeners → swap → retarget or drain listeners.
+//! On any error the running config stays, and the attempt is logged, counted and shown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::admin::AdminState;
+use crate::config::compile::{compile, Origin};
+use crate::config::locate::{Seg, SourceMap};
+use crate::config::{self, ConfigError, RawConfig};
+use crate::listener::{self, Listener, Prepared};
+use crate::metrics::Metrics;
+use crate::snapshot::{Snapshot, SnapshotStore, DEFAULT_ADMIN_ADDRESS};
+
+/// How long a reload waits for a new `strict_dns` cluster's first answer.
+pub const DNS_WARMUP: Duration = Duration::from_secs(5);
+/// How long a listener removed by a reload gets to finish its connections.
+const REMOVED_LISTENER_DRAIN: Duration = Duration::from_secs(25);
+
+/// What asked for a reload; the `source` label of `remora_config_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The file watcher saw the file change.
+    File,
+    /// SIGHUP.
+    Signal,
+    /// Config pushed by a caller (xDS, tests).
+    Api,
+}
+
+impl Trigger {
+    pub fn label(self) -> &'static str {
+        match self {
+            Trigger::File => "file",
+            Trigger::Signal => "signal",
+            Trigger::Api => "api",
+        }
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new version is in force.
+    Applied { version: u64 },
+    /// The content hash equals the running one; nothing to do.
+    Unchanged,
+    /// Kept the running config; these are the reasons, one per line.
+    Rejected(Vec<String>),
+}
+
+/// The last rejected attempt, for `/config`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    pub at: String,
+    pub source: &'static str,
+    pub hash: String,
+    pub errors: Vec<String>,
+}
+
+pub(crate) enum Command {
+    Reload {
+        trigger: Trigger,
+        /// Config text and the name to report it by; `None` reads the config file again.
+        text: Option<(String, String)>,
+        reply: oneshot::Sender<Outcome>,
+    },
+    Shutdown {
+        timeout: Duration,
+        reply: oneshot::Sender<usize>,
+    },
+}
+
+pub(crate) struct Reloader {
+    pub store: Arc<SnapshotStore>,
+    pub metrics: Arc<Metrics>,
+    pub admin: Arc<AdminState>,
+    pub listeners: Vec<Listener>,
+    pub file: Option<PathBuf>,
+    /// Bound addresses by listener name, for callers that bind port 0.
+    pub addresses: watch::Sender<HashMap<String, SocketAddr>>,
+}
+
+impl Reloader {
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        self.publish_addresses();
+        while let Some(cmd) = commands.recv().await {
+            match cmd {
+                Command::Reload {
+                    trigger,
+                    text,
+                    reply,
+                } => {
+                    let outcome = self.reload(trigger, text).await;
+                    let _ = reply.send(outcome);
+                }
+                Command::Shutdown { timeout, reply } => {
+                    let drains: Vec<_> = self
+                        .listeners
+                        .drain(..)
+                        .map(|l| tokio::spawn(l.drain(timeout)))
+                        .collect();
+                    let mut left = 0;
+                    for d in drains {
+                        left += d.await.unwrap_or(0);
+                    }
+                    let _ = reply.send(left);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn reload(&mut self, trigger: Trigger, text: Option<(String, String)>) -> Outcome {
+        let (text, name) = match text {
+            Some(t) => t,
+            None => match &self.file {
+                None => return Outcome::Unchanged,
+                Some(path) => match std::fs::read_to_string(path) {
+                    Ok(t) => (t, path.display().to_string()),
+                    Err(e) => {
+                        let error = format!("{}: cannot read config file: {e}", path.display());
+                        return self.reject(trigger, String::new(), vec![error]);
+                    }
+                },
+            },
+        };
+        let hash = crate::app::config_hash(&text);
+        let current = self.store.load();
+        if hash == current.hash {
+            tracing::debug!(source = trigger.label(), "config unchanged; not reloading");
+            return Outcome::Unchanged;
+        }
+        let raw = match config::parse(&text, &name) {
+            Ok(raw) => raw,
+            Err(errors) => {
+                let lines = errors.0.iter().map(|e| e.to_string()).collect();
+                return self.reject(trigger, hash, lines);
+            }
+        };
+        let restart = needs_restart(&current, &raw, &text, &name);
+        if !restart.is_empty() {
+            return self.reject(trigger, hash, restart);
+        }
+        let origin = Origin {
+            version: current.version + 1,
+            source: name,
+            hash: hash.clone(),
+        };
+        let next = compile(raw, origin, &self.metrics, Some(&current));
+        match self.swap(next).await {
+            Ok(version) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&[trigger.label(), "success"])
+                    .inc();
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                self.metrics.config_last_success.set(now.as_secs_f64());
+                tracing::info!(source = trigger.label(), version, %hash, "config reloaded");
+                Outcome::Applied { version }
+            }
+            Err(errors) => self.reject(trigger, hash, errors),
+        }
+    }
+
+    /// Starts the new snapshot's clusters, binds its new listeners, swaps it in, then
+    /// retargets kept listeners and drains removed ones.
+    async fn swap(&mut self, next: Snapshot) -> Result<u64, Vec<String>> {
+        let current = self.store.load();
+        let warmups: Vec<_> = next
+            .clusters
+            .iter()
+            .filter(|(name, c)| {
+                current
+                    .clusters
+                    .get(*name)
+                    .is_none_or(|old| !Arc::ptr_eq(old, c))
+            })
+            .filter_map(|(_, c)| c.start())
+            .collect();
+        for w in warmups {
+            let _ = tokio::time::timeout(DNS_WARMUP, w).await;
+        }
+
+        // Pair each new listener with a running one: same name first, then same address.
+        let mut old: Vec<Option<Listener>> = self.listeners.drain(..).map(Some).collect();
+        let mut plan: Vec<Plan> = Vec::new();
+        for settings in &next.listeners {
+            let by_name = old.iter().position(|l| {
+                l.as_ref()
+                    .is_some_and(|l| l.settings().name == settings.name)
+            });
+            let by_addr = || {
+                old.iter().position(|l| {
+                    l.as_ref()
+                        .is_some_and(|l| l.settings().address == settings.address)
+                })
+            };
+            match by_name.or_else(by_addr) {
+                Some(i) if old[i].as_ref().expect("unpaired").settings().address == settings.address => {
+                    plan.push(Plan::Keep(old[i].take().expect("unpaired"), settings.clone()));
+                }
+                _ => plan.push(Plan::Bind(settings.clone())),
+            }
+        }
+        // Bind every new address before changing anything; a failure changes nothing.
+        let mut errors = Vec::new();
+        let mut prepared: Vec<Option<Prepared>> = Vec::new();
+        for p in &plan {
+            match p {
+                Plan::Bind(settings) => {
+                    match listener::prepare(settings.clone(), self.store.clone()).await {
+                        Ok(ready) => prepared.push(Some(ready)),
+                        Err(e) => {
+                            errors.push(e.to_string());
+                            prepared.push(None);
+                        }
+                    }
+                }
+                Plan::Keep(..) => prepared.push(None),
+            }
+        }
+        if !errors.is_empty() {
+            self.listeners = plan
+                .into_iter()
+                .filter_map(|p| match p {
+                    Plan::Keep(l, _) => Some(l),
+                    Plan::Bind(_) => None,
+                })
+                .chain(old.into_iter().flatten())
+                .collect();
+            return Err(errors);
+        }
+
+        let version = next.version;
+        self.store.store(next);
+        for (p, ready) in plan.into_iter().zip(prepared) {
+            match (p, ready) {
+                (Plan::Keep(l, settings), _) => {
+                    if let Err(e) = l.update(settings, self.store.clone()) {
+                        tracing::warn!(error = %e, "listener kept its previous settings");
+                    }
+                    self.listeners.push(l);
+                }
+                (Plan::Bind(_), Some(ready)) => self.listeners.push(ready.start()),
+                (Plan::Bind(_), None) => unreachable!("bind failures returned above"),
+            }
+        }
+        for removed in old.into_iter().flatten() {
+            tracing::info!(listener = %removed.settings().name, "listener removed; draining");
+            tokio::spawn(removed.drain(REMOVED_LISTENER_DRAIN));
+        }
+        self.publish_addresses();
+        Ok(version)
+    }
+
+    fn reject(&self, trigger: Trigger, hash: String, errors: Vec<String>) -> Outcome {
+        for e in &errors {
+            tracing::error!(source = trigger.label(), error = %e, "config rejected; keeping the running one");
+        }
+        self.metrics
+            .config_reloads
+            .with_label_values(&[trigger.label(), "failure"])
+            .inc();
+        *self.admin.last_rejected.lock().expect("admin lock") = Some(Rejection {
+            at: crate::access_log::rfc3339(SystemTime::now()),
+            source: trigger.label(),
+            hash,
+            errors: errors.clone(),
+        });
+        Outcome::Rejected(errors)
+    }
+
+    fn publish_addresses(&self) {
+        let map = self
+            .listeners
+            .iter()
+            .map(|l| (l.settings().name.to_string(), l.local_addr))
+            .collect();
+        self.addresses.send_replace(map);
+    }
+}
+
+enum Plan {
+    Keep(Listener, crate::snapshot::ListenerSettings),
+    Bind(crate::snapshot::ListenerSettings),
+}
+
+/// Settings that only take effect at startup; a reload that changes them is rejected.
+fn needs_restart(current: &Snapshot, next: &RawConfig, text: &str, file: &str) -> Vec<String> {
+    let admin = |raw: &RawConfig| {
+        raw.admin
+            .as_ref()
+            .map_or(DEFAULT_ADMIN_ADDRESS.to_string(), |a| a.address.clone())
+    };
+    let mut problems = Vec::new();
+    let source = SourceMap::parse(text);
+    let mut complain = |path: Vec<Seg>, message: String| {
+        problems.push(
+            ConfigError {
+                file: file.to_string(),
+                pos: source.locate(&path),
+                path: config::locate::render_path(&path),
+                message,
+                did_you_mean: None,
+            }
+            .to_string(),
+        );
+    };
+    let (was, now) = (admin(&current.raw), admin(next));
+    if was != now {
+        complain(
+            vec![Seg::Key("admin".into()), Seg::Key("address".into())],
+            format!("changing the admin address ({was} → {now}) needs a restart"),
+        );
+    }
+    if current.raw.workers != next.workers {
+        let show = |w: Option<usize>| w.map_or("default".to_string(), |w| w.to_string());
+        complain(
+            vec![Seg::Key("workers".into())],
+            format!(
+                "changing the worker count ({} → {}) needs a restart",
+                show(current.raw.workers),
+                show(next.workers)
+            ),
+        );
+    }
+    problems
+}
