@@ -70,7 +70,11 @@ impl App {
             hash: config_hash(text),
         };
         let snapshot = compile(raw, origin, &metrics, None);
-        let warmups: Vec<_> = snapshot.clusters.values().filter_map(|c| c.start()).collect();
+        let warmups: Vec<_> = snapshot
+            .clusters
+            .values()
+            .filter_map(|c| c.start())
+            .collect();
         for w in warmups {
             let _ = tokio::time::timeout(DNS_WARMUP, w).await;
         }
@@ -110,7 +114,9 @@ impl App {
             .config_reloads
             .with_label_values(&["startup", "success"])
             .inc();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         metrics.config_last_success.set(now.as_secs_f64());
         admin.ready.store(true, Ordering::Relaxed);
         Ok(App {
@@ -212,7 +218,10 @@ impl App {
         tokio::time::sleep(delay).await;
         let left = self.shutdown(timeout).await;
         if left > 0 {
-            tracing::warn!(connections = left, "drain timeout reached; closing the rest");
+            tracing::warn!(
+                connections = left,
+                "drain timeout reached; closing the rest"
+            );
         }
         Ok(())
     }
@@ -222,8 +231,10 @@ impl App {
         let snap = self.store.load();
         let s = snap.raw.shutdown.as_ref();
         (
-            s.and_then(|s| s.drain_delay).map_or(DEFAULT_DRAIN_DELAY, |d| d.0),
-            s.and_then(|s| s.drain_timeout).map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+            s.and_then(|s| s.drain_delay)
+                .map_or(DEFAULT_DRAIN_DELAY, |d| d.0),
+            s.and_then(|s| s.drain_timeout)
+                .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
         )
     }
 

@@ -72,7 +72,11 @@ impl Cluster {
     /// [`Cluster::start`] has resolved them (until then it serves `previous`'s endpoints).
     /// Endpoints that were in `previous`, the same cluster before a config change, keep
     /// their connections and counters.
-    pub fn new(raw: &RawCluster, metrics: ClusterMetrics, previous: Option<&Cluster>) -> Arc<Cluster> {
+    pub fn new(
+        raw: &RawCluster,
+        metrics: ClusterMetrics,
+        previous: Option<&Cluster>,
+    ) -> Arc<Cluster> {
         let hash_header = raw
             .hash_on
             .as_ref()

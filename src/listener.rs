@@ -39,11 +39,17 @@ pub struct Listener {
 }
 
 /// Binds `settings.address` and opens the access log.
-pub async fn prepare(settings: ListenerSettings, store: Arc<SnapshotStore>) -> io::Result<Prepared> {
+pub async fn prepare(
+    settings: ListenerSettings,
+    store: Arc<SnapshotStore>,
+) -> io::Result<Prepared> {
     let socket = TcpListener::bind(settings.address).await.map_err(|e| {
         io::Error::new(
             e.kind(),
-            format!("listener `{}`: cannot bind {}: {e}", settings.name, settings.address),
+            format!(
+                "listener `{}`: cannot bind {}: {e}",
+                settings.name, settings.address
+            ),
         )
     })?;
     let local_addr = socket.local_addr()?;

@@ -70,7 +70,7 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(config_last_success.clone()))
             .expect("unique metric");
-        Metrics {
+        let m = Metrics {
             downstream_requests: counter(
                 &r,
                 "remora_downstream_requests_total",
@@ -140,12 +140,19 @@ impl Metrics {
             config_reloads: counter(
                 &r,
                 "remora_config_reloads_total",
-                "Config loads attempted, by source (file, signal, xds, startup) and result.",
+                "Config loads attempted, by source (startup, file, signal, api) and result.",
                 &["source", "result"],
             ),
             config_last_success,
             registry: r,
+        };
+        // Every reload series exists from the start, so rate() and alerts see a zero.
+        for source in ["startup", "file", "signal", "api"] {
+            for result in ["success", "failure"] {
+                m.config_reloads.with_label_values(&[source, result]);
+            }
         }
+        m
     }
 
     /// The Prometheus text exposition of every metric.

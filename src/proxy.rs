@@ -264,7 +264,10 @@ impl Record {
 
     /// Counts the request as in flight on `endpoint` until the record is done.
     fn track(&mut self, endpoint: Arc<Endpoint>) {
-        endpoint.state.active_requests.fetch_add(1, Ordering::Relaxed);
+        endpoint
+            .state
+            .active_requests
+            .fetch_add(1, Ordering::Relaxed);
         self.endpoint = Some(endpoint);
     }
 }

@@ -161,7 +161,9 @@ impl Reloader {
                     .config_reloads
                     .with_label_values(&[trigger.label(), "success"])
                     .inc();
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
                 self.metrics.config_last_success.set(now.as_secs_f64());
                 tracing::info!(source = trigger.label(), version, %hash, "config reloaded");
                 Outcome::Applied { version }
@@ -197,15 +199,23 @@ impl Reloader {
                 l.as_ref()
                     .is_some_and(|l| l.settings().name == settings.name)
             });
+            // Port 0 means "any free port": two such listeners never share a socket.
             let by_addr = || {
                 old.iter().position(|l| {
-                    l.as_ref()
-                        .is_some_and(|l| l.settings().address == settings.address)
+                    settings.address.port() != 0
+                        && l.as_ref()
+                            .is_some_and(|l| l.settings().address == settings.address)
                 })
             };
             match by_name.or_else(by_addr) {
-                Some(i) if old[i].as_ref().expect("unpaired").settings().address == settings.address => {
-                    plan.push(Plan::Keep(old[i].take().expect("unpaired"), settings.clone()));
+                Some(i)
+                    if old[i].as_ref().expect("unpaired").settings().address
+                        == settings.address =>
+                {
+                    plan.push(Plan::Keep(
+                        old[i].take().expect("unpaired"),
+                        settings.clone(),
+                    ));
                 }
                 _ => plan.push(Plan::Bind(settings.clone())),
             }

@@ -42,7 +42,9 @@ pub fn spawn(path: PathBuf, on_change: mpsc::Sender<()>) {
                 let retry = match event {
                     Some(Some(Ok(()))) => {
                         // Let a burst of events (editor saves, ConfigMap swaps) settle.
-                        while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
+                        while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, events.recv()).await
+                        {
+                        }
                         false
                     }
                     Some(Some(Err(error))) => {

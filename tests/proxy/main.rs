@@ -6,6 +6,7 @@ mod cli;
 mod forwarding;
 mod grpc;
 mod limits;
+mod reload;
 mod routing;
 mod streaming;
 mod support;

@@ -112,21 +112,13 @@ async fn answer(
         tokio::time::sleep(Duration::from_millis(delay as u64)).await;
     }
     let status = StatusCode::from_u16(st.status.load(Ordering::SeqCst) as u16).unwrap();
-    let resp = match req.uri().path() {
+    let path = req.uri().path().to_string();
+    let resp = match path.as_str() {
         "/echo" => Response::new(body::incoming(req.into_body())),
-        "/stream" => {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, body::BoxError>>(1);
-            tokio::spawn(async move {
-                for i in 0..5 {
-                    let chunk = Frame::data(Bytes::from(format!("chunk{i}\n")));
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            });
-            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-            Response::new(StreamBody::new(stream).boxed_unsync())
+        "/stream" => chunked(5, Duration::from_millis(50)),
+        p if p.starts_with("/stream/") => {
+            let n = p["/stream/".len()..].parse().unwrap_or(5);
+            chunked(n, Duration::from_millis(20))
         }
         _ => Response::new(body::full(st.name.clone())),
     };
@@ -134,6 +126,22 @@ async fn answer(
     parts.status = status;
     parts.headers.insert("x-upstream", st.name.parse().unwrap());
     Ok(Response::from_parts(parts, b))
+}
+
+/// A response of `n` chunks `chunk0\n`, `chunk1\n`, ... sent `gap` apart.
+fn chunked(n: usize, gap: Duration) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, body::BoxError>>(1);
+    tokio::spawn(async move {
+        for i in 0..n {
+            let chunk = Frame::data(Bytes::from(format!("chunk{i}\n")));
+            if tx.send(Ok(chunk)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(gap).await;
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Response::new(StreamBody::new(stream).boxed_unsync())
 }
 
 /// A running remora in this process; its listener must be named `main`.
