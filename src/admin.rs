@@ -106,16 +106,21 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                             json!({
                                 "address": e.address.to_string(),
                                 "weight": e.weight,
-                                "health": "healthy",
+                                "health": e.state.label(),
+                                "active_health": if e.state.is_healthy() { "healthy" } else { "unhealthy" },
+                                "breaker": e.state.breaker.state().label(),
+                                "times_ejected": e.state.breaker.times_ejected(),
                                 "active_requests": e.state.active_requests.load(Ordering::Relaxed),
                                 "idle_connections": e.state.pool.idle_count(),
                             })
                         })
                         .collect();
+                    let members = c.members();
                     json!({
                         "name": &*c.name,
                         "lb_policy": c.lb_policy,
                         "protocol": c.protocol,
+                        "panic": members.panic,
                         "endpoints": endpoints,
                     })
                 })

@@ -1,17 +1,27 @@
-//! A cluster at run time: its endpoints (each with a connection pool), and how one is picked.
+//! A cluster at run time: its endpoints (each with a connection pool and health), how one is
+//! picked, and the resilience state around them (breakers, retry budget, outlier detection,
+//! health checks).
 
 pub mod balance;
+pub mod breaker;
+pub mod budget;
 mod dns;
+pub mod health;
+pub mod outlier;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
 
 use self::balance::{Cumulative, Ring, Schedule};
+use self::breaker::CircuitBreakers;
+use self::budget::RetryBudget;
+use self::health::HealthCheckConfig;
+use self::outlier::{Breaker, BreakerState, Observation, OutlierConfig, Transition};
 use crate::config::raw::{DiscoveryType, LbPolicy, RawCluster, UpstreamProtocol};
 use crate::metrics::ClusterMetrics;
 use crate::upstream::Pool;
@@ -22,6 +32,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `dns_refresh_rate`.
 pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
+/// Default `panic_threshold`, in percent.
+pub const DEFAULT_PANIC_THRESHOLD: u32 = 50;
 
 /// One upstream address with its weight, and its state.
 pub struct Endpoint {
@@ -31,17 +43,57 @@ pub struct Endpoint {
     pub state: Arc<EndpointState>,
 }
 
-/// What an endpoint keeps across config changes: its connections and counters.
-#[derive(Default)]
+/// What an endpoint keeps across config changes: connections, counters, health.
 pub struct EndpointState {
     /// Requests in flight to this endpoint (for `least_request` and `/clusters`).
     pub active_requests: AtomicUsize,
     pub pool: Pool,
+    /// Active health: false after `unhealthy_threshold` failed checks.
+    healthy: AtomicBool,
+    /// Passive health: the outlier-detection breaker.
+    pub breaker: Breaker,
 }
 
-/// The endpoints a cluster balances over, with the balancer built for exactly them.
+impl Default for EndpointState {
+    fn default() -> Self {
+        EndpointState {
+            active_requests: AtomicUsize::new(0),
+            pool: Pool::new(),
+            healthy: AtomicBool::new(true),
+            breaker: Breaker::default(),
+        }
+    }
+}
+
+impl EndpointState {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Healthy and not ejected.
+    pub fn is_usable(&self) -> bool {
+        self.is_healthy() && !self.breaker.is_open()
+    }
+
+    /// The endpoint's state for `/clusters` and metrics.
+    pub fn label(&self) -> &'static str {
+        match self.breaker.state() {
+            BreakerState::Open(_) => "ejected",
+            _ if !self.is_healthy() => "unhealthy",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Closed => "healthy",
+        }
+    }
+}
+
+/// The endpoints a cluster knows, and the balancer over those it may use now.
 pub struct Members {
+    /// Every endpoint, usable or not.
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// What the balancer picks from: the usable endpoints, or all of them in panic mode.
+    chosen: Vec<Arc<Endpoint>>,
+    /// Fewer than `panic_threshold` percent were usable, so all are balanced over.
+    pub panic: bool,
     balancer: Option<Balancer>,
 }
 
@@ -64,14 +116,20 @@ pub struct Cluster {
     /// For `ring_hash` on a header.
     pub hash_header: Option<HeaderName>,
     pub metrics: ClusterMetrics,
+    pub breakers: Arc<CircuitBreakers>,
+    pub retry_budget: RetryBudget,
+    outlier: Option<OutlierConfig>,
+    health_check: Option<HealthCheckConfig>,
+    panic_threshold: u32,
     members: ArcSwap<Members>,
+    weak_self: Weak<Cluster>,
 }
 
 impl Cluster {
     /// Builds a cluster; a `static` one has its endpoints at once, a `strict_dns` one once
     /// [`Cluster::start`] has resolved them (until then it serves `previous`'s endpoints).
     /// Endpoints that were in `previous`, the same cluster before a config change, keep
-    /// their connections and counters.
+    /// their connections, counters and health.
     pub fn new(
         raw: &RawCluster,
         metrics: ClusterMetrics,
@@ -82,7 +140,7 @@ impl Cluster {
             .as_ref()
             .and_then(|h| h.header.as_ref())
             .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
-        let cluster = Arc::new(Cluster {
+        let cluster = Arc::new_cyclic(|weak_self| Cluster {
             name: raw.name.as_str().into(),
             raw: raw.clone(),
             protocol: raw.protocol,
@@ -91,19 +149,30 @@ impl Cluster {
             lb_policy: raw.lb_policy,
             hash_header,
             metrics,
+            breakers: CircuitBreakers::new(raw.circuit_breakers.as_ref()),
+            retry_budget: RetryBudget::new(raw.retry_budget.as_ref()),
+            outlier: raw.outlier_detection.as_ref().map(OutlierConfig::new),
+            health_check: raw
+                .health_check
+                .as_ref()
+                .map(|h| HealthCheckConfig::new(h, &raw.name)),
+            panic_threshold: raw.panic_threshold.unwrap_or(DEFAULT_PANIC_THRESHOLD),
             members: ArcSwap::from_pointee(Members {
                 endpoints: Vec::new(),
+                chosen: Vec::new(),
+                panic: false,
                 balancer: None,
             }),
+            weak_self: weak_self.clone(),
         });
         if let Some(previous) = previous {
+            cluster.members.store(previous.members());
             let carried = previous
                 .members()
                 .endpoints
                 .iter()
                 .map(|e| (e.address, e.weight))
                 .collect();
-            cluster.members.store(previous.members());
             cluster.set_endpoints(carried);
         }
         if raw.discovery == DiscoveryType::Static {
@@ -117,10 +186,14 @@ impl Cluster {
         cluster
     }
 
-    /// Starts the cluster's background work (DNS refresh, idle-connection reaping). The tasks
-    /// hold a weak reference and end when the cluster is dropped by a reload.
+    /// Starts the cluster's background work (DNS refresh, health checks, idle-connection
+    /// reaping). The tasks hold a weak reference and end when a reload drops the cluster.
+    /// For `strict_dns`, the returned channel fires after the first resolution.
     pub fn start(self: &Arc<Self>) -> Option<tokio::sync::oneshot::Receiver<()>> {
         spawn_reaper(Arc::downgrade(self), self.idle_timeout);
+        if let Some(cfg) = &self.health_check {
+            health::spawn(Arc::downgrade(self), cfg.clone());
+        }
         if self.raw.discovery == DiscoveryType::StrictDns {
             let targets = self
                 .raw
@@ -145,7 +218,7 @@ impl Cluster {
     /// Replaces the endpoint list; endpoints whose address remains keep their state.
     pub fn set_endpoints(&self, addrs: Vec<(SocketAddr, u32)>) {
         let old = self.members.load();
-        let endpoints: Vec<Arc<Endpoint>> = addrs
+        let endpoints = addrs
             .into_iter()
             .map(|(address, weight)| {
                 let state = old
@@ -160,8 +233,29 @@ impl Cluster {
                 })
             })
             .collect();
-        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
-        let balancer = if endpoints.is_empty() {
+        self.rebuild(endpoints);
+    }
+
+    /// Rebuilds the balancer over the endpoints usable now.
+    fn rebuild(&self, endpoints: Vec<Arc<Endpoint>>) {
+        let usable: Vec<Arc<Endpoint>> = endpoints
+            .iter()
+            .filter(|e| e.state.is_usable())
+            .cloned()
+            .collect();
+        let panic = !endpoints.is_empty()
+            && (usable.len() as u64 * 100) < self.panic_threshold as u64 * endpoints.len() as u64;
+        if panic {
+            tracing::warn!(
+                cluster = %self.name,
+                usable = usable.len(),
+                total = endpoints.len(),
+                "below the panic threshold: balancing over every endpoint"
+            );
+        }
+        let chosen = if panic { endpoints.clone() } else { usable };
+        let weights: Vec<u32> = chosen.iter().map(|e| e.weight).collect();
+        let balancer = if chosen.is_empty() {
             None
         } else {
             match self.lb_policy {
@@ -169,44 +263,154 @@ impl Cluster {
                 LbPolicy::LeastRequest => Cumulative::new(&weights).map(Balancer::LeastRequest),
                 LbPolicy::Random => Cumulative::new(&weights).map(Balancer::Random),
                 LbPolicy::RingHash => {
-                    let ids: Vec<String> =
-                        endpoints.iter().map(|e| e.address.to_string()).collect();
+                    let ids: Vec<String> = chosen.iter().map(|e| e.address.to_string()).collect();
                     Ring::new(&ids, &weights).map(Balancer::RingHash)
                 }
             }
         };
-        self.metrics.endpoints_healthy.set(endpoints.len() as i64);
+        let mut counts = [0i64; 4];
+        for e in &endpoints {
+            let i = match e.state.label() {
+                "healthy" => 0,
+                "unhealthy" => 1,
+                "ejected" => 2,
+                _ => 3,
+            };
+            counts[i] += 1;
+        }
+        self.metrics.set_endpoint_counts(counts);
         self.members.store(Arc::new(Members {
             endpoints,
+            chosen,
+            panic,
             balancer,
         }));
     }
 
-    /// Picks an endpoint; `hash` is the request's key for `ring_hash`.
-    pub fn pick(&self, hash: u64) -> Option<Arc<Endpoint>> {
+    fn rebuild_now(&self) {
+        let endpoints = self.members.load().endpoints.clone();
+        self.rebuild(endpoints);
+    }
+
+    /// Picks an endpoint; `hash` is the request's key for `ring_hash`. Prefers endpoints
+    /// not in `avoid` (those a retry already tried), and lets a half-open endpoint take only
+    /// its few probes at a time.
+    pub fn pick(&self, hash: u64, avoid: &[SocketAddr]) -> Option<Arc<Endpoint>> {
         let members = self.members.load();
-        let eps = &members.endpoints;
-        let index = match members.balancer.as_ref()? {
-            Balancer::RoundRobin(s) => s.next(),
-            Balancer::Random(c) => c.pick(),
-            Balancer::RingHash(r) => r.pick(hash),
-            Balancer::LeastRequest(c) => {
-                let a = c.pick();
-                let mut b = c.pick();
-                if b == a && eps.len() > 1 {
-                    // Two distinct candidates, so one busy endpoint cannot be picked twice.
-                    b = (a + 1 + fastrand::usize(..eps.len() - 1)) % eps.len();
+        let eps = &members.chosen;
+        let balancer = members.balancer.as_ref()?;
+        let probes = self.outlier.as_ref().map_or(1, |o| o.half_open_probes);
+        let mut last = None;
+        for attempt in 0..3 {
+            let index = match balancer {
+                Balancer::RoundRobin(s) => s.next(),
+                Balancer::Random(c) => c.pick(),
+                // A retry moves along the ring rather than landing on the same point.
+                Balancer::RingHash(r) => r.pick(hash.wrapping_add(attempt)),
+                Balancer::LeastRequest(c) => {
+                    let a = c.pick();
+                    let mut b = c.pick();
+                    if b == a && eps.len() > 1 {
+                        // Two distinct candidates, so one busy endpoint cannot be picked twice.
+                        b = (a + 1 + fastrand::usize(..eps.len() - 1)) % eps.len();
+                    }
+                    // Fewer in-flight requests per unit of weight wins.
+                    let load =
+                        |i: usize| eps[i].state.active_requests.load(Ordering::Relaxed) as u64;
+                    if load(a) * eps[b].weight as u64 <= load(b) * eps[a].weight as u64 {
+                        a
+                    } else {
+                        b
+                    }
                 }
-                // Fewer in-flight requests per unit of weight wins.
-                let load = |i: usize| eps[i].state.active_requests.load(Ordering::Relaxed) as u64;
-                if load(a) * eps[b].weight as u64 <= load(b) * eps[a].weight as u64 {
-                    a
-                } else {
-                    b
-                }
+            };
+            let ep = &eps[index];
+            let last_try = attempt == 2;
+            if avoid.contains(&ep.address) && eps.len() > avoid.len() && !last_try {
+                last = Some(ep);
+                continue;
             }
+            if ep.state.breaker.is_half_open() && !ep.state.breaker.try_probe(probes) && !last_try {
+                last = Some(ep);
+                continue;
+            }
+            return Some(ep.clone());
+        }
+        last.cloned()
+    }
+
+    /// Feeds one request's outcome to outlier detection.
+    pub fn observe(&self, ep: &Endpoint, obs: Observation) {
+        let Some(cfg) = &self.outlier else { return };
+        let now = Instant::now();
+        // Never more than max_ejection_percent ejected, but one may always go.
+        let may_eject = || {
+            let members = self.members.load();
+            let total = members.endpoints.len() as u64;
+            let ejected = members
+                .endpoints
+                .iter()
+                .filter(|e| e.state.breaker.is_open())
+                .count() as u64;
+            ejected == 0 || (ejected + 1) * 100 <= total * cfg.max_ejection_percent as u64
         };
-        eps.get(index).cloned()
+        if let Some(t) = ep.state.breaker.observe(cfg, obs, may_eject, now) {
+            self.transitioned(ep, t);
+        }
+    }
+
+    /// A health check passed: an ejected endpoint comes back at once.
+    pub fn health_check_passed(&self, ep: &Endpoint) {
+        if let Some(t) = ep.state.breaker.reset(Instant::now()) {
+            self.transitioned(ep, t);
+        }
+    }
+
+    /// Active health changed.
+    pub fn set_health(&self, ep: &Endpoint, healthy: bool) {
+        ep.state.healthy.store(healthy, Ordering::Release);
+        tracing::warn!(
+            cluster = %self.name,
+            endpoint = %ep.address,
+            from = if healthy { "unhealthy" } else { "healthy" },
+            to = if healthy { "healthy" } else { "unhealthy" },
+            why = "health_check",
+            "endpoint health changed"
+        );
+        self.rebuild_now();
+    }
+
+    fn transitioned(&self, ep: &Endpoint, t: Transition) {
+        tracing::warn!(
+            cluster = %self.name,
+            endpoint = %ep.address,
+            from = t.from.label(),
+            to = t.to.label(),
+            why = t.reason,
+            "endpoint breaker changed"
+        );
+        if let BreakerState::Open(until) = t.to {
+            self.metrics.ejection(t.reason);
+            let (cluster, state, addr) = (self.weak_self.clone(), ep.state.clone(), ep.address);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(until.into()).await;
+                let Some(cluster) = cluster.upgrade() else {
+                    return;
+                };
+                if let Some(t) = state.breaker.expire(Instant::now()) {
+                    tracing::warn!(
+                        cluster = %cluster.name,
+                        endpoint = %addr,
+                        from = t.from.label(),
+                        to = t.to.label(),
+                        why = t.reason,
+                        "endpoint breaker changed"
+                    );
+                    cluster.rebuild_now();
+                }
+            });
+        }
+        self.rebuild_now();
     }
 }
 

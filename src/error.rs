@@ -6,10 +6,13 @@ use std::time::Duration;
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::{self, Body};
+use crate::cluster::breaker::Resource;
 use crate::upstream::UpstreamError;
 
 /// The header that tells clients (and tests) which failure produced a local reply.
 pub const ERROR_HEADER: &str = "x-remora-error";
+/// Set on circuit-breaker overflows, as Envoy's `x-envoy-overloaded`.
+pub const OVERLOADED_HEADER: &str = "x-remora-overloaded";
 
 /// A request remora could not proxy.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,13 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error("no upstream response within {0:?}")]
     Timeout(Duration),
+    #[error("no upstream response within the per-try timeout of {0:?}")]
+    PerTryTimeout(Duration),
+    #[error("cluster `{cluster}`: circuit breaker `max_{}` reached", .resource.label())]
+    Overflow {
+        cluster: Arc<str>,
+        resource: Resource,
+    },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
 }
@@ -34,11 +44,16 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream")
             }
+            ProxyError::Overflow { .. } | ProxyError::Upstream(UpstreamError::Overflow(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overflow")
+            }
             ProxyError::Upstream(e) if e.is_connect_failure() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "upstream_connect_failure")
             }
             ProxyError::Upstream(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_reset"),
-            ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::Timeout(_) | ProxyError::PerTryTimeout(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+            }
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
         }
     }
@@ -58,6 +73,9 @@ impl ProxyError {
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(marker));
+        if marker == "overflow" {
+            headers.insert(OVERLOADED_HEADER, HeaderValue::from_static("true"));
+        }
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -106,11 +124,34 @@ mod tests {
                 "upstream_timeout",
             ),
             (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (
+                ProxyError::PerTryTimeout(Duration::from_secs(1)),
+                504,
+                "upstream_timeout",
+            ),
+            (
+                ProxyError::Overflow {
+                    cluster: "c".into(),
+                    resource: Resource::Requests,
+                },
+                503,
+                "overflow",
+            ),
+            (
+                ProxyError::Upstream(UpstreamError::Overflow(Resource::Connections)),
+                503,
+                "overflow",
+            ),
         ];
         for (err, status, marker) in cases {
             let resp = err.to_response();
             assert_eq!(resp.status().as_u16(), status, "{err}");
             assert_eq!(resp.headers()[ERROR_HEADER], marker, "{err}");
+            assert_eq!(
+                resp.headers().contains_key(OVERLOADED_HEADER),
+                marker == "overflow",
+                "{err}"
+            );
         }
     }
 

@@ -14,6 +14,7 @@ pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod reloader;
+pub mod retry;
 pub mod router;
 pub mod snapshot;
 pub mod upstream;

@@ -32,6 +32,12 @@ pub struct Metrics {
     upstream_connections_active: IntGaugeVec,
     upstream_connect_failures: IntCounterVec,
     cluster_endpoints: IntGaugeVec,
+    upstream_retries: IntCounterVec,
+    retry_budget_exhausted: IntCounterVec,
+    retry_body_too_large: IntCounterVec,
+    breaker_overflow: IntCounterVec,
+    outlier_ejections: IntCounterVec,
+    health_checks: IntCounterVec,
     /// `remora_config_reloads_total{source,result}`.
     pub config_reloads: IntCounterVec,
     /// `remora_config_last_reload_success_timestamp_seconds`.
@@ -137,6 +143,42 @@ impl Metrics {
                 "Endpoints of a cluster, by state.",
                 &["cluster", "state"],
             ),
+            upstream_retries: counter(
+                &r,
+                "remora_upstream_retries_total",
+                "Retries sent, by the condition that caused them.",
+                &["cluster", "reason"],
+            ),
+            retry_budget_exhausted: counter(
+                &r,
+                "remora_retry_budget_exhausted_total",
+                "Retries not sent because the retry budget or max_retries said no.",
+                &["cluster"],
+            ),
+            retry_body_too_large: counter(
+                &r,
+                "remora_retry_body_too_large_total",
+                "Retries not sent because the request body outgrew the replay buffer.",
+                &["cluster"],
+            ),
+            breaker_overflow: counter(
+                &r,
+                "remora_circuit_breaker_overflow_total",
+                "Requests failed fast because a circuit breaker threshold was reached.",
+                &["cluster", "resource"],
+            ),
+            outlier_ejections: counter(
+                &r,
+                "remora_outlier_ejections_total",
+                "Endpoints ejected by outlier detection, by reason.",
+                &["cluster", "reason"],
+            ),
+            health_checks: counter(
+                &r,
+                "remora_health_checks_total",
+                "Active health checks, by result.",
+                &["cluster", "result"],
+            ),
             config_reloads: counter(
                 &r,
                 "remora_config_reloads_total",
@@ -186,7 +228,18 @@ impl Metrics {
             duration: self.upstream_duration.with_label_values(&[name]),
             connections_active: self.upstream_connections_active.with_label_values(&[name]),
             connect_failures: self.upstream_connect_failures.with_label_values(&[name]),
-            endpoints_healthy: self.cluster_endpoints.with_label_values(&[name, "healthy"]),
+            endpoints: ENDPOINT_STATES
+                .map(|st| self.cluster_endpoints.with_label_values(&[name, st])),
+            retries: self.upstream_retries.clone(),
+            budget_exhausted: self.retry_budget_exhausted.with_label_values(&[name]),
+            body_too_large: self.retry_body_too_large.with_label_values(&[name]),
+            overflow: self.breaker_overflow.clone(),
+            ejections: self.outlier_ejections.clone(),
+            health_checks: [
+                self.health_checks.with_label_values(&[name, "success"]),
+                self.health_checks.with_label_values(&[name, "failure"]),
+            ],
+            name: name.to_string(),
         }
     }
 }
@@ -223,19 +276,56 @@ impl ListenerMetrics {
     }
 }
 
-/// A cluster's handles.
+/// The `state` values of `remora_cluster_endpoints`.
+pub const ENDPOINT_STATES: [&str; 4] = ["healthy", "unhealthy", "ejected", "half_open"];
+
+/// A cluster's handles. Rare events resolve their labels when they happen.
 #[derive(Clone)]
 pub struct ClusterMetrics {
     requests: [IntCounter; 5],
     pub duration: Histogram,
     pub connections_active: IntGauge,
     pub connect_failures: IntCounter,
-    pub endpoints_healthy: IntGauge,
+    endpoints: [IntGauge; 4],
+    retries: IntCounterVec,
+    pub budget_exhausted: IntCounter,
+    pub body_too_large: IntCounter,
+    overflow: IntCounterVec,
+    ejections: IntCounterVec,
+    health_checks: [IntCounter; 2],
+    name: String,
 }
 
 impl ClusterMetrics {
     pub fn response(&self, status: u16, seconds: f64) {
         self.requests[class_index(status)].inc();
         self.duration.observe(seconds);
+    }
+
+    /// Endpoint counts in the order of [`ENDPOINT_STATES`].
+    pub fn set_endpoint_counts(&self, counts: [i64; 4]) {
+        for (g, n) in self.endpoints.iter().zip(counts) {
+            g.set(n);
+        }
+    }
+
+    pub fn retry(&self, reason: &str) {
+        self.retries.with_label_values(&[&self.name, reason]).inc();
+    }
+
+    pub fn overflow(&self, resource: &str) {
+        self.overflow
+            .with_label_values(&[&self.name, resource])
+            .inc();
+    }
+
+    pub fn ejection(&self, reason: &str) {
+        self.ejections
+            .with_label_values(&[&self.name, reason])
+            .inc();
+    }
+
+    pub fn health_check(&self, passed: bool) {
+        self.health_checks[usize::from(!passed)].inc();
     }
 }

@@ -1,4 +1,5 @@
-//! The request path, in order: load snapshot → route → pick endpoint → forward → record.
+//! The request path, in order: load snapshot → route → admit (breaker) → pick endpoint →
+//! send (with retries) → answer → record.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -18,14 +19,17 @@ use hyper_util::rt::TokioIo;
 use crate::access_log::{self, AccessLog, Entry};
 use crate::body::{self, Body, BoxError};
 use crate::cluster::balance::hash_bytes;
+use crate::cluster::breaker::{Permit, Resource};
+use crate::cluster::outlier::Observation;
 use crate::cluster::{Cluster, Endpoint};
 use crate::config::raw::LbPolicy;
 use crate::error::ProxyError;
 use crate::forward::{self, Downstream};
 use crate::listener::InFlight;
+use crate::retry::{Failure, Replay};
 use crate::router::{Action, Route};
 use crate::snapshot::{ListenerSettings, SnapshotStore};
-use crate::upstream;
+use crate::upstream::{self, UpstreamError};
 
 /// What every request on one listener shares.
 pub struct ListenerContext {
@@ -90,17 +94,22 @@ async fn proxy(
     };
     record.cluster = Some(cluster.name.clone());
 
-    // 3. Pick an endpoint.
-    let hash = request_hash(cluster, &parts, client);
-    let endpoint = cluster
-        .pick(hash)
-        .ok_or_else(|| ProxyError::NoHealthyUpstream {
-            cluster: cluster.name.clone(),
+    // 3. Admit: when the cluster's request breaker is full, fail fast.
+    let permit = cluster
+        .breakers
+        .try_acquire(Resource::Requests)
+        .ok_or_else(|| {
+            cluster.metrics.overflow(Resource::Requests.label());
+            ProxyError::Overflow {
+                cluster: cluster.name.clone(),
+                resource: Resource::Requests,
+            }
         })?;
-    record.upstream = Some(endpoint.address);
-    record.track(endpoint.clone());
+    record.request_permit = Some(permit);
 
-    // 4. Forward, within the route's timeout.
+    // 4. Pick an endpoint and send (retrying per the route's policy), within the route's
+    //    timeout, which covers every attempt and the backoff between them.
+    let hash = request_hash(cluster, &parts, client);
     let upgrade = forward::is_upgrade(&parts);
     let on_client_upgrade = if upgrade {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
@@ -120,11 +129,13 @@ async fn proxy(
         .get(&forward::X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let sent = Instant::now();
     let exchange = async {
         match on_client_upgrade {
-            Some(client_io) => upgrade_exchange(cluster, &endpoint, upstream_req, client_io).await,
-            None => upstream::send(cluster, &endpoint, upstream_req).await,
+            Some(client_io) => {
+                let endpoint = pick(cluster, hash, &[], record)?;
+                Ok(upgrade_exchange(cluster, &endpoint, upstream_req, client_io).await?)
+            }
+            None => send_with_retries(cluster, route, upstream_req, hash, record).await,
         }
     };
     let resp = match route.timeout {
@@ -134,11 +145,141 @@ async fn proxy(
         None => exchange.await?,
     };
 
-    // 5. Record and answer.
-    cluster
-        .metrics
-        .response(resp.status().as_u16(), sent.elapsed().as_secs_f64());
+    // 5. Answer.
     Ok(forward::downstream_response(resp, route))
+}
+
+/// Picks an endpoint, preferring ones not in `avoid`, and notes it on the record.
+fn pick(
+    cluster: &Cluster,
+    hash: u64,
+    avoid: &[SocketAddr],
+    record: &mut Record,
+) -> Result<Arc<Endpoint>, ProxyError> {
+    let endpoint = cluster
+        .pick(hash, avoid)
+        .ok_or_else(|| ProxyError::NoHealthyUpstream {
+            cluster: cluster.name.clone(),
+        })?;
+    record.upstream = Some(endpoint.address);
+    record.track(endpoint.clone());
+    Ok(endpoint)
+}
+
+/// Sends the request; with a retry policy, sends it again to another endpoint when the
+/// policy, the request's method, the replay buffer, the retry budget and the retry breaker
+/// all allow, after a jittered backoff. When a retry is not allowed, the last answer (or
+/// error) goes back to the client.
+async fn send_with_retries(
+    cluster: &Cluster,
+    route: &Route,
+    req: Request<Body>,
+    hash: u64,
+    record: &mut Record,
+) -> Result<Response<Body>, ProxyError> {
+    cluster.retry_budget.deposit();
+    let Some(policy) = &route.retry_policy else {
+        let endpoint = pick(cluster, hash, &[], record)?;
+        return attempt(cluster, &endpoint, req, None).await;
+    };
+    let (parts, body) = req.into_parts();
+    let replay = Replay::new(body, policy.replay_limit);
+    let mut tried = Vec::new();
+    let mut _retry_permit = None;
+    let mut retry = 0;
+    loop {
+        let endpoint = pick(cluster, hash, &tried, record)?;
+        tried.push(endpoint.address);
+        let req = again(&parts, replay.body(), retry + 1);
+        let result = attempt(cluster, &endpoint, req, policy.per_try_timeout).await;
+        let failure = match &result {
+            Ok(resp) => Failure::of_response(resp.status(), resp.headers()),
+            Err(e) => failure_of(e),
+        };
+        let Some(reason) = failure.and_then(|f| policy.retriable(f, &parts.method)) else {
+            return result;
+        };
+        if retry >= policy.num_retries {
+            return result;
+        }
+        if !replay.can_replay() {
+            cluster.metrics.body_too_large.inc();
+            return result;
+        }
+        if !cluster.retry_budget.try_withdraw() {
+            cluster.metrics.budget_exhausted.inc();
+            return result;
+        }
+        let Some(permit) = cluster.breakers.try_acquire(Resource::Retries) else {
+            cluster.metrics.budget_exhausted.inc();
+            cluster.metrics.overflow(Resource::Retries.label());
+            return result;
+        };
+        _retry_permit = Some(permit);
+        cluster.metrics.retry(reason);
+        drop(result);
+        tokio::time::sleep(policy.backoff(retry)).await;
+        retry += 1;
+    }
+}
+
+/// The request for attempt number `attempt` (1-based), with the same head.
+fn again(parts: &http::request::Parts, body: Body, attempt: u32) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.headers_mut()
+        .insert(ATTEMPT_COUNT.clone(), HeaderValue::from(attempt));
+    req
+}
+
+/// Header telling the upstream which attempt this is (with a retry policy).
+static ATTEMPT_COUNT: http::HeaderName = http::HeaderName::from_static("x-remora-attempt-count");
+
+/// One attempt at one endpoint, its outcome recorded for metrics and outlier detection.
+async fn attempt(
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
+    req: Request<Body>,
+    per_try_timeout: Option<std::time::Duration>,
+) -> Result<Response<Body>, ProxyError> {
+    let sent = Instant::now();
+    let send = upstream::send(cluster, endpoint, req);
+    let result = match per_try_timeout {
+        Some(limit) => match tokio::time::timeout(limit, send).await {
+            Ok(r) => r.map_err(ProxyError::from),
+            Err(_) => Err(ProxyError::PerTryTimeout(limit)),
+        },
+        None => send.await.map_err(ProxyError::from),
+    };
+    match &result {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            cluster
+                .metrics
+                .response(status, sent.elapsed().as_secs_f64());
+            cluster.observe(endpoint, Observation::Status(status));
+        }
+        Err(ProxyError::Upstream(UpstreamError::Overflow(_))) => {}
+        Err(ProxyError::Upstream(e)) if e.is_connect_failure() => {
+            cluster.observe(endpoint, Observation::ConnectFailure)
+        }
+        Err(_) => cluster.observe(endpoint, Observation::NoResponse),
+    }
+    result
+}
+
+fn failure_of(e: &ProxyError) -> Option<Failure> {
+    match e {
+        ProxyError::Upstream(UpstreamError::Overflow(_)) => None,
+        ProxyError::Upstream(u) if u.is_connect_failure() => Some(Failure::ConnectFailure),
+        ProxyError::Upstream(u) if u.is_refused_stream() => Some(Failure::RefusedStream),
+        ProxyError::Upstream(_) => Some(Failure::Reset),
+        ProxyError::PerTryTimeout(_) => Some(Failure::Timeout),
+        _ => None,
+    }
 }
 
 /// Sends an upgrade request on its own connection; on `101` splices the two upgraded
@@ -228,6 +369,8 @@ struct Record {
     request_id: Option<String>,
     error: Option<&'static str>,
     endpoint: Option<Arc<Endpoint>>,
+    /// The cluster's request breaker slot, held until the response is done.
+    request_permit: Option<Permit>,
     _in_flight: InFlight,
 }
 
@@ -258,6 +401,7 @@ impl Record {
             request_id: None,
             error: None,
             endpoint: None,
+            request_permit: None,
             _in_flight: in_flight,
         }
     }

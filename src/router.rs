@@ -11,6 +11,7 @@ use regex::Regex;
 
 use crate::cluster::balance::Schedule;
 use crate::cluster::Cluster;
+use crate::retry::RetryPolicy;
 
 /// The compiled form of one route config.
 pub struct RouteTable {
@@ -45,6 +46,8 @@ pub struct Route {
     pub response_headers_to_remove: Vec<HeaderName>,
     /// `None`: no timeout.
     pub timeout: Option<Duration>,
+    /// The route's, else its virtual host's.
+    pub retry_policy: Option<RetryPolicy>,
 }
 
 pub enum PathMatch {
@@ -273,6 +276,7 @@ mod tests {
                 response_headers_to_add: vec![],
                 response_headers_to_remove: vec![],
                 timeout: None,
+                retry_policy: None,
             }],
         }
     }

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::body::{self, Body, BoxError};
+use crate::cluster::breaker::{Permit, Resource};
 use crate::cluster::{Cluster, Endpoint};
 use crate::config::raw::UpstreamProtocol;
 
@@ -44,9 +45,23 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    #[error("circuit breaker `max_{}` reached", .0.label())]
+    Overflow(Resource),
 }
 
 impl UpstreamError {
+    /// True for an HTTP/2 REFUSED_STREAM: the upstream did not process the request.
+    pub fn is_refused_stream(&self) -> bool {
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = e.source();
+        }
+        false
+    }
+
     /// True when the request cannot have reached the upstream application.
     pub fn is_connect_failure(&self) -> bool {
         matches!(
@@ -143,7 +158,11 @@ async fn send_h1(
     let addr = ep.address;
     let (mut sender, reused) = match ep.state.pool.take_h1(cluster.idle_timeout).await {
         Some(s) => (s, true),
-        None => (connect_h1(cluster, addr, false).await?, false),
+        None => {
+            // Waiting for a new connection: a pending request.
+            let _pending = acquire(cluster, Resource::PendingRequests)?;
+            (connect_h1(cluster, addr, false).await?, false)
+        }
     };
     let req = match sender.try_send_request(req).await {
         Ok(resp) => return Ok(pooled_response(resp, sender, ep.clone())),
@@ -227,6 +246,7 @@ async fn h2_sender(
         return Ok(s);
     }
     let addr = ep.address;
+    let permit = acquire(cluster, Resource::Connections)?;
     let stream = connect_tcp(cluster, addr).await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(stream))
@@ -239,9 +259,17 @@ async fn h2_sender(
             tracing::debug!(%addr, %error, "upstream h2 connection ended");
         }
         gauge.dec();
+        drop(permit);
     });
     *ep.state.pool.h2.lock().expect("pool lock") = Some(sender.clone());
     Ok(sender)
+}
+
+fn acquire(cluster: &Cluster, resource: Resource) -> Result<Permit, UpstreamError> {
+    cluster.breakers.try_acquire(resource).ok_or_else(|| {
+        cluster.metrics.overflow(resource.label());
+        UpstreamError::Overflow(resource)
+    })
 }
 
 async fn connect_tcp(cluster: &Cluster, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
@@ -265,6 +293,7 @@ async fn connect_h1(
     addr: SocketAddr,
     upgrades: bool,
 ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    let permit = acquire(cluster, Resource::Connections)?;
     let stream = connect_tcp(cluster, addr).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
@@ -282,6 +311,7 @@ async fn connect_h1(
             tracing::debug!(%addr, %error, "upstream connection ended");
         }
         gauge.dec();
+        drop(permit);
     });
     Ok(sender)
 }

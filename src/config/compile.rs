@@ -12,6 +12,7 @@ use super::raw::*;
 use crate::cluster::balance::Schedule;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
+use crate::retry::RetryPolicy;
 use crate::router::{
     full_match_regex, Action, HeaderMatch, HeaderMatcher, HeaderOp, PathMatch, Route, RouteTable,
     VirtualHost, WeightedClusters,
@@ -113,7 +114,7 @@ fn route_table(rc: &RawRouteConfig, clusters: &BTreeMap<String, Arc<Cluster>>) -
                 .routes
                 .iter()
                 .enumerate()
-                .map(|(i, r)| route(&vh.name, i, r, clusters))
+                .map(|(i, r)| route(vh, i, r, clusters))
                 .collect();
             (
                 VirtualHost {
@@ -128,7 +129,7 @@ fn route_table(rc: &RawRouteConfig, clusters: &BTreeMap<String, Arc<Cluster>>) -
 }
 
 fn route(
-    vhost: &str,
+    vhost: &RawVirtualHost,
     index: usize,
     r: &RawRoute,
     clusters: &BTreeMap<String, Arc<Cluster>>,
@@ -162,7 +163,7 @@ fn route(
         name: r
             .name
             .clone()
-            .unwrap_or_else(|| format!("{vhost}/{index}"))
+            .unwrap_or_else(|| format!("{}/{index}", vhost.name))
             .into(),
         path,
         methods: m
@@ -194,6 +195,11 @@ fn route(
             let t = r.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0);
             (!t.is_zero()).then_some(t)
         },
+        retry_policy: r
+            .retry_policy
+            .as_ref()
+            .or(vhost.retry_policy.as_ref())
+            .map(RetryPolicy::new),
     }
 }
 

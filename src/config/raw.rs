@@ -129,6 +129,9 @@ pub struct RawVirtualHost {
     /// Routes, tried in order; the first match wins.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Retry policy for routes that set none. Default: none.
+    #[serde(default)]
+    pub retry_policy: Option<RawRetryPolicy>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -167,9 +170,56 @@ pub struct RawRoute {
     /// Headers removed from the response.
     #[serde(default)]
     pub response_headers_to_remove: Vec<String>,
-    /// Time until the upstream's response headers arrive, 504 after. Default `15s`; `0` = none.
+    /// Time until the upstream's response headers arrive, covering every attempt and the
+    /// backoff between them; 504 after. Default `15s`; `0` = none.
     #[serde(default)]
     pub timeout: Option<Dur>,
+    /// When and how to retry. Default: the virtual host's policy, else no retries.
+    #[serde(default)]
+    pub retry_policy: Option<RawRetryPolicy>,
+}
+
+/// Envoy's retry policy, flattened.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryPolicy {
+    /// Conditions: `5xx`, `gateway-error`, `connect-failure`, `reset`, `refused-stream`,
+    /// `retriable-4xx`, `retriable-status-codes`, and from `grpc-status` in response
+    /// headers: `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
+    /// `unavailable`. At least one is required.
+    #[serde(default)]
+    pub retry_on: Vec<String>,
+    /// Retries after the first attempt. Default 1.
+    #[serde(default)]
+    pub num_retries: Option<u32>,
+    /// Limit for each attempt (then it counts as a timeout failure). Default: none.
+    #[serde(default)]
+    pub per_try_timeout: Option<Dur>,
+    /// Status codes retried under `retriable-status-codes`.
+    #[serde(default)]
+    pub retriable_status_codes: Vec<u16>,
+    /// Full-jitter exponential backoff between attempts.
+    #[serde(default)]
+    pub backoff: Option<RawBackoff>,
+    /// Retry POST, PATCH and other non-idempotent methods on any condition, not only when
+    /// the request provably never reached the upstream. Default false.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// Request bodies up to this many bytes are kept for replay; a larger one streams
+    /// through once and is not retried. Default 65536.
+    #[serde(default)]
+    pub replay_buffer_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    /// Default `25ms`.
+    #[serde(default)]
+    pub base_interval: Option<Dur>,
+    /// Default `250ms`.
+    #[serde(default)]
+    pub max_interval: Option<Dur>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -333,6 +383,122 @@ pub struct RawCluster {
     /// For `strict_dns`: how often to resolve again. Default `5s`.
     #[serde(default)]
     pub dns_refresh_rate: Option<Dur>,
+    /// Per-cluster limits that fail fast with 503 `overflow` when reached.
+    #[serde(default)]
+    pub circuit_breakers: Option<RawCircuitBreakers>,
+    /// How much retries may add to the load on this cluster.
+    #[serde(default)]
+    pub retry_budget: Option<RawRetryBudget>,
+    /// Passive health: eject endpoints that keep failing.
+    #[serde(default)]
+    pub outlier_detection: Option<RawOutlierDetection>,
+    /// Active health checks. Default: none.
+    #[serde(default)]
+    pub health_check: Option<RawHealthCheck>,
+    /// When fewer than this percentage of endpoints are usable, balance over all of them
+    /// rather than overload the few. Default 50; 0 disables.
+    #[serde(default)]
+    pub panic_threshold: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreakers {
+    /// Open connections to all endpoints. Default 1024.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Requests waiting for a new connection. Default 1024.
+    #[serde(default)]
+    pub max_pending_requests: Option<usize>,
+    /// Requests in flight. Default 1024.
+    #[serde(default)]
+    pub max_requests: Option<usize>,
+    /// Retries in flight. Default 3.
+    #[serde(default)]
+    pub max_retries: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryBudget {
+    /// Retries may add this fraction of the request rate. Default 0.2.
+    #[serde(default)]
+    pub ratio: Option<f64>,
+    /// Retries per second always allowed. Default 10.
+    #[serde(default)]
+    pub min_retries_per_second: Option<u32>,
+    /// Window over which requests and retries are counted. Default `10s`.
+    #[serde(default)]
+    pub window: Option<Dur>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlierDetection {
+    /// Consecutive 5xx responses (or connect failures, resets, timeouts) that eject. Default 5.
+    #[serde(default)]
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502/503/504 (or connect failures, resets, timeouts) that eject. Default 5.
+    #[serde(default)]
+    pub consecutive_gateway_failure: Option<u32>,
+    /// Consecutive connect failures that eject. Default 5.
+    #[serde(default)]
+    pub consecutive_local_origin_failure: Option<u32>,
+    /// An endpoint healthy this long forgets one past ejection. Default `10s`.
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    /// Ejection lasts this × times ejected. Default `30s`.
+    #[serde(default)]
+    pub base_ejection_time: Option<Dur>,
+    /// Longest ejection. Default `300s`.
+    #[serde(default)]
+    pub max_ejection_time: Option<Dur>,
+    /// Most of the cluster ejected at once, in percent; one endpoint may always be. Default 10.
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+    /// Requests let through at once while half-open; their outcome closes or reopens. Default 1.
+    #[serde(default)]
+    pub half_open_probes: Option<u32>,
+}
+
+/// How a health check talks to an endpoint.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckProtocol {
+    /// `GET path`; healthy when the status is expected (default).
+    #[default]
+    Http,
+    /// Healthy when a TCP connection opens.
+    Tcp,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// `http` (default) or `tcp`.
+    #[serde(default)]
+    pub protocol: HealthCheckProtocol,
+    /// HTTP path. Default `/`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// HTTP Host header. Default: the cluster name.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Statuses that pass. Default: any 2xx.
+    #[serde(default)]
+    pub expected_statuses: Vec<u16>,
+    /// Time between checks (each with up to 10% jitter). Default `5s`.
+    #[serde(default)]
+    pub interval: Option<Dur>,
+    /// Limit for one check. Default `1s`.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// Failed checks in a row that make an endpoint unhealthy. Default 3.
+    #[serde(default)]
+    pub unhealthy_threshold: Option<u32>,
+    /// Passed checks in a row that make it healthy again. Default 2.
+    #[serde(default)]
+    pub healthy_threshold: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

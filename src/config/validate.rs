@@ -208,6 +208,9 @@ fn check_route_config(out: &mut Problems, i: usize, rc: &RawRouteConfig, cluster
         for (r, route) in vh.routes.iter().enumerate() {
             check_route(out, &at(p!["routes", r]), route, clusters);
         }
+        if let Some(policy) = &vh.retry_policy {
+            check_retry_policy(out, &at(p!["retry_policy"]), policy);
+        }
     }
 }
 
@@ -358,6 +361,9 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &Hash
             );
         }
     }
+    if let Some(policy) = &route.retry_policy {
+        check_retry_policy(out, &path(p!["retry_policy"]), policy);
+    }
     if route.prefix_rewrite.is_some() && m.prefix.is_none() {
         out.add(
             path(p!["prefix_rewrite"]),
@@ -407,7 +413,161 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &Hash
     }
 }
 
+fn check_retry_policy(out: &mut Problems, at: &[Seg], r: &RawRetryPolicy) {
+    let path = |rest: Vec<Seg>| {
+        let mut p = at.to_vec();
+        p.extend(rest);
+        p
+    };
+    if r.retry_on.is_empty() {
+        out.add(
+            path(p!["retry_on"]),
+            "name at least one condition, e.g. `[5xx]`",
+        );
+    }
+    for (k, c) in r.retry_on.iter().enumerate() {
+        if !crate::retry::condition_names().any(|n| n == c) {
+            out.unknown(
+                path(p!["retry_on", k]),
+                "retry condition",
+                c,
+                crate::retry::condition_names(),
+            );
+        }
+    }
+    if r.num_retries.is_some_and(|n| n > 10) {
+        out.add(path(p!["num_retries"]), "must be at most 10");
+    }
+    for (k, code) in r.retriable_status_codes.iter().enumerate() {
+        if !(100..=599).contains(code) {
+            out.add(
+                path(p!["retriable_status_codes", k]),
+                "must be between 100 and 599",
+            );
+        }
+    }
+    if let Some(b) = &r.backoff {
+        if b.base_interval.is_some_and(|d| d.0.is_zero()) {
+            out.add(
+                path(p!["backoff", "base_interval"]),
+                "must be greater than 0",
+            );
+        }
+        if let (Some(base), Some(max)) = (b.base_interval, b.max_interval) {
+            if max.0 < base.0 {
+                out.add(
+                    path(p!["backoff", "max_interval"]),
+                    "must not be less than base_interval",
+                );
+            }
+        }
+    }
+    if r.replay_buffer_bytes.is_some_and(|n| n > 64 * 1024 * 1024) {
+        out.add(
+            path(p!["replay_buffer_bytes"]),
+            "must be at most 67108864 (64 MiB)",
+        );
+    }
+}
+
+fn check_resilience(out: &mut Problems, i: usize, c: &RawCluster) {
+    if let Some(cb) = &c.circuit_breakers {
+        for (field, v) in [
+            ("max_connections", cb.max_connections),
+            ("max_pending_requests", cb.max_pending_requests),
+            ("max_requests", cb.max_requests),
+        ] {
+            if v == Some(0) {
+                out.add(
+                    p!["clusters", i, "circuit_breakers", field],
+                    "must be at least 1",
+                );
+            }
+        }
+    }
+    if let Some(b) = &c.retry_budget {
+        if b.ratio.is_some_and(|r| !(0.0..=10.0).contains(&r)) {
+            out.add(
+                p!["clusters", i, "retry_budget", "ratio"],
+                "must be between 0 and 10",
+            );
+        }
+        if b.window
+            .is_some_and(|w| w.0.as_secs() < 1 || w.0.as_secs() > 300)
+        {
+            out.add(
+                p!["clusters", i, "retry_budget", "window"],
+                "must be between 1s and 300s",
+            );
+        }
+    }
+    if let Some(o) = &c.outlier_detection {
+        for (field, v) in [
+            ("consecutive_5xx", o.consecutive_5xx),
+            ("consecutive_gateway_failure", o.consecutive_gateway_failure),
+            (
+                "consecutive_local_origin_failure",
+                o.consecutive_local_origin_failure,
+            ),
+            ("half_open_probes", o.half_open_probes),
+        ] {
+            if v == Some(0) {
+                out.add(
+                    p!["clusters", i, "outlier_detection", field],
+                    "must be at least 1",
+                );
+            }
+        }
+        if o.max_ejection_percent.is_some_and(|p| p > 100) {
+            out.add(
+                p!["clusters", i, "outlier_detection", "max_ejection_percent"],
+                "must be at most 100",
+            );
+        }
+        if o.base_ejection_time.is_some_and(|d| d.0.is_zero()) {
+            out.add(
+                p!["clusters", i, "outlier_detection", "base_ejection_time"],
+                "must be greater than 0",
+            );
+        }
+    }
+    if let Some(h) = &c.health_check {
+        let at = |f: &str| p!["clusters", i, "health_check", f];
+        if h.protocol == HealthCheckProtocol::Tcp
+            && (h.path.is_some() || h.host.is_some() || !h.expected_statuses.is_empty())
+        {
+            out.add(
+                at("protocol"),
+                "`path`, `host` and `expected_statuses` only apply to `http` checks",
+            );
+        }
+        if h.path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+            out.add(at("path"), "must start with `/`");
+        }
+        for (field, d) in [("interval", h.interval), ("timeout", h.timeout)] {
+            if d.is_some_and(|d| d.0.is_zero()) {
+                out.add(at(field), "must be greater than 0");
+            }
+        }
+        for (field, v) in [
+            ("unhealthy_threshold", h.unhealthy_threshold),
+            ("healthy_threshold", h.healthy_threshold),
+        ] {
+            if v == Some(0) {
+                out.add(at(field), "must be at least 1");
+            }
+        }
+    }
+    if c.panic_threshold.is_some_and(|p| p > 100) {
+        out.add(
+            p!["clusters", i, "panic_threshold"],
+            "must be between 0 and 100",
+        );
+    }
+}
+
 fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster) {
+    check_resilience(out, i, c);
     if c.endpoints.is_empty() {
         out.add(
             p!["clusters", i, "endpoints"],
