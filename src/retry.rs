@@ -312,7 +312,7 @@ impl HttpBody for ReplayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.shared.lock().expect("replay lock").size_hint.clone()
+        self.shared.lock().expect("replay lock").size_hint
     }
 }
 

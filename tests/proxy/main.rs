@@ -7,6 +7,7 @@ mod forwarding;
 mod grpc;
 mod limits;
 mod reload;
+mod resilience;
 mod routing;
 mod streaming;
 mod support;

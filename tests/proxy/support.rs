@@ -33,6 +33,8 @@ struct UpstreamState {
     connections: AtomicUsize,
     delay_ms: AtomicUsize,
     status: AtomicUsize,
+    /// Every Nth request answers 503 (0: never).
+    fail_every: AtomicUsize,
 }
 
 /// A real HTTP server (HTTP/1.1 and h2c) that answers with its own name.
@@ -52,6 +54,7 @@ impl Upstream {
             connections: AtomicUsize::new(0),
             delay_ms: AtomicUsize::new(0),
             status: AtomicUsize::new(200),
+            fail_every: AtomicUsize::new(0),
         });
         let st = state.clone();
         tokio::spawn(async move {
@@ -83,6 +86,11 @@ impl Upstream {
         self.state.status.store(status as usize, Ordering::SeqCst);
     }
 
+    /// Every `n`th request gets a 503 (`n` = 2: half of them).
+    pub fn fail_every(&self, n: usize) {
+        self.state.fail_every.store(n, Ordering::SeqCst);
+    }
+
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
     }
@@ -101,21 +109,42 @@ async fn answer(
     st: Arc<UpstreamState>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    st.seen.lock().unwrap().push(Seen {
-        method: req.method().clone(),
-        uri: req.uri().to_string(),
-        version: req.version(),
-        headers: req.headers().clone(),
-    });
+    let nth = {
+        let mut seen = st.seen.lock().unwrap();
+        seen.push(Seen {
+            method: req.method().clone(),
+            uri: req.uri().to_string(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        });
+        seen.len()
+    };
     let delay = st.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay as u64)).await;
     }
-    let status = StatusCode::from_u16(st.status.load(Ordering::SeqCst) as u16).unwrap();
+    let mut status = StatusCode::from_u16(st.status.load(Ordering::SeqCst) as u16).unwrap();
+    let every = st.fail_every.load(Ordering::SeqCst);
+    if every > 0 && nth % every == 0 {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+    }
     let path = req.uri().path().to_string();
     let resp = match path.as_str() {
         "/echo" => Response::new(body::incoming(req.into_body())),
         "/stream" => chunked(5, Duration::from_millis(50)),
+        "/reset" => {
+            // One chunk, then (once the head is surely sent) the connection breaks mid-body.
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, body::BoxError>>(2);
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"partial"))))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx.send(Err("upstream broke off".into())).await;
+            });
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            Response::new(StreamBody::new(stream).boxed_unsync())
+        }
         p if p.starts_with("/stream/") => {
             let n = p["/stream/".len()..].parse().unwrap_or(5);
             chunked(n, Duration::from_millis(20))
