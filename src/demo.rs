@@ -31,14 +31,14 @@ pub async fn run() -> anyhow::Result<()> {
     println!(
         "\nremora demo is running.\n\
          \n  upstreams: orders-v1 on {v1} (fast), orders-v2 on {v2} (150 ms, fails 1 in 5)\
-         \n  listener:  http://{proxy}   (90% to orders-v1, 10% to orders-v2)\
+         \n  listener:  http://{proxy}   (90% to orders-v1, 10% to orders-v2; 5xx retried)\
          \n  admin:     http://{admin}\n\
          \nTry:\
          \n  curl -i http://{proxy}/orders\
          \n  for i in $(seq 20); do curl -s http://{proxy}/orders; done | sort | uniq -c\
-         \n  curl -i -H 'x-canary: 1' http://{proxy}/orders      # always orders-v2\
+         \n  curl -i -H 'x-canary: 1' http://{proxy}/orders      # always orders-v2, no retries\
          \n  curl -i http://{proxy}/healthz                      # direct response\
-         \n  curl -s http://{admin}/metrics | grep remora_\
+         \n  curl -s http://{admin}/metrics | grep -E 'remora_(upstream_requests|upstream_retries)'\
          \n  curl -s http://{admin}/clusters\
          \n\nAccess log lines follow. Ctrl-C stops.\n"
     );
