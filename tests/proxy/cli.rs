@@ -105,60 +105,20 @@ fn version_is_printed() {
 #[tokio::test]
 async fn run_serves_then_exits_0_on_sigterm() {
     let up = Upstream::start("up").await;
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (listen, admin) = (free(), free());
-    let yaml = format!(
-        "admin: {{ address: \"{admin}\" }}\nshutdown: {{ drain_delay: 200ms }}\nlisteners:\n  - {{ name: main, address: \"{listen}\", route_config: rc }}\n\
-         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: up }}] }}\n\
-         clusters:\n  - {{ name: up, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
-        up.port()
-    );
+    let (listen, admin) = (free_address(), free_address());
+    let yaml = binary_config(admin, listen, up.port(), "shutdown: { drain_delay: 200ms }");
     let path = temp_file("run.yaml", &yaml);
     let mut child = Command::new(REMORA)
         .args(["--log-format", "json", "run", "-c"])
         .arg(&path)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let cl = client();
-    let mut ready = false;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(admin).is_ok()
-            && get(&cl, admin, "a", "/ready", &[]).await.status == 200
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "remora did not become ready");
-    assert_eq!(get(&cl, listen, "svc", "/", &[]).await.body, "up");
-    drop(cl);
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let status = status.unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("remora did not exit after SIGTERM")
-    });
-    assert_eq!(status.code(), Some(0));
+    wait_ready(admin).await;
+    assert_eq!(get(&client(), listen, "svc", "/", &[]).await.body, "up");
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child).await.code(), Some(0));
 }
 
 #[test]

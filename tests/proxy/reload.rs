@@ -398,19 +398,12 @@ async fn rejected_reloads_keep_the_running_config_and_show_in_admin() {
 async fn sigterm_drains_twenty_slow_requests_then_exits_0() {
     let up = Upstream::start("up").await;
     up.set_delay(Duration::from_millis(1500));
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (listen, admin) = (free(), free());
-    let yaml = format!(
-        "admin: {{ address: \"{admin}\" }}\nshutdown: {{ drain_delay: 500ms, drain_timeout: 10s }}\n\
-         listeners:\n  - {{ name: main, address: \"{listen}\", route_config: rc }}\n\
-         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: up }}] }}\n\
-         clusters:\n  - {{ name: up, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
-        up.port()
+    let (listen, admin) = (free_address(), free_address());
+    let yaml = binary_config(
+        admin,
+        listen,
+        up.port(),
+        "shutdown: { drain_delay: 500ms, drain_timeout: 10s }",
     );
     let dir = std::env::temp_dir().join(format!("remora-term-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -422,18 +415,7 @@ async fn sigterm_drains_twenty_slow_requests_then_exits_0() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let cl = client();
-    let mut ready = false;
-    for _ in 0..100 {
-        if TcpStream::connect(admin).await.is_ok()
-            && get(&cl, admin, "a", "/ready", &[]).await.status == 200
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "remora did not become ready");
+    wait_ready(admin).await;
 
     let in_flight: Vec<_> = (0..20)
         .map(|_| tokio::spawn(async move { get(&client(), listen, "svc", "/", &[]).await.status }))
@@ -441,12 +423,7 @@ async fn sigterm_drains_twenty_slow_requests_then_exits_0() {
     while up.hits() < 20 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&child);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(get(&client(), admin, "a", "/ready", &[]).await.status, 503);
     // Still accepting during the drain delay...
@@ -460,18 +437,7 @@ async fn sigterm_drains_twenty_slow_requests_then_exits_0() {
     for r in in_flight {
         assert_eq!(r.await.unwrap(), 200);
     }
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let status = status.unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("remora did not exit")
-    });
+    let status = wait_exit(&mut child).await;
     assert_eq!(status.code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -285,3 +285,57 @@ pub async fn metric(admin: SocketAddr, sample: &str) -> f64 {
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
 }
+
+/// A free loopback address (bound, then released) for configs the binary reads.
+pub fn free_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A config with admin and listener `main` on the given addresses, one route to `up_port`,
+/// and the given extra top-level lines.
+pub fn binary_config(admin: SocketAddr, listen: SocketAddr, up_port: u16, top: &str) -> String {
+    format!(
+        "admin: {{ address: \"{admin}\" }}\n{top}\nlisteners:\n  - {{ name: main, address: \"{listen}\", route_config: rc }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: up }}] }}\n\
+         clusters:\n  - {{ name: up, endpoints: [{{ address: \"127.0.0.1:{up_port}\" }}] }}\n"
+    )
+}
+
+/// Waits (up to 5 s) until the admin server at `admin` says ready.
+pub async fn wait_ready(admin: SocketAddr) {
+    let cl = client();
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(admin).await.is_ok()
+            && get(&cl, admin, "a", "/ready", &[]).await.status == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("remora did not become ready");
+}
+
+/// Sends SIGTERM to a child process.
+pub fn sigterm(child: &std::process::Child) {
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Waits (up to 5 s) for a child to exit; kills it and fails if it does not.
+pub async fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    panic!("remora did not exit");
+}
