@@ -1,0 +1,497 @@
+#!/usr/bin/python3
+"""Side-by-side benchmark: direct, remora, Envoy, HAProxy and nginx against one shared
+origin, in one run, each proxy with one worker pinned to CPU 1 (origin and load on CPU 0).
+
+Run through `bench/run`, which installs the tools and builds remora first.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+BUILD = BENCH / "build"
+PEERS = BENCH / "peers"
+RESULTS = BENCH / "results"
+REMORA = ROOT / "target" / "release" / "remora"
+LOADGEN = ROOT / "target" / "release" / "examples" / "loadgen"
+ENVOY = BUILD / "venv" / "bin" / "envoy"
+TICK = os.sysconf("SC_CLK_TCK")
+PROXY_CPU, LOAD_CPU = "1", "0"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(cmd, timeout=600):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+# === processes ===
+
+def family(pid):
+    """pid and all its descendants."""
+    pids, children = [pid], {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    i = 0
+    while i < len(pids):
+        pids.extend(children.get(pids[i], []))
+        i += 1
+    return pids
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in family(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / TICK
+
+
+def memory_kib(pid, field):
+    total = 0
+    for p in family(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def http_ok(port, host="bench", path="/"):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+class Target:
+    def __init__(self, name, port, argv, h2_port=None, host="bench", path="/"):
+        self.name, self.port, self.argv = name, port, argv
+        self.h2_port = h2_port if h2_port is not None else port
+        self.host, self.path = host, path
+        self.proc = None
+
+    def start(self):
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", PROXY_CPU] + self.argv,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        while time.perf_counter() - t0 < 30:
+            if http_ok(self.port, self.host, self.path):
+                return (time.perf_counter() - t0) * 1000
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+            time.sleep(0.001)
+        raise RuntimeError(f"{self.name} did not answer within 30 s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+# === configs ===
+
+def remora_config(port, admin, origin, extra_route="", vhosts=None):
+    if vhosts is None:
+        vhosts = [("all", ['"*"'], [("/", extra_route)])]
+    lines = [
+        "workers: 1",
+        f"admin: {{ address: 127.0.0.1:{admin} }}",
+        "shutdown: { drain_delay: 0s, drain_timeout: 1s }",
+        "listeners:",
+        f"  - {{ name: bench, address: 127.0.0.1:{port}, route_config: rc, max_connections: 8000 }}",
+        "route_configs:",
+        "  - name: rc",
+        "    virtual_hosts:",
+    ]
+    for name, domains, routes in vhosts:
+        lines.append(f"      - name: {name}")
+        lines.append(f"        domains: [{', '.join(domains)}]")
+        lines.append("        routes:")
+        for prefix, extra in routes:
+            lines.append(f"          - match: {{ prefix: \"{prefix}\" }}")
+            lines.append("            cluster: origin")
+            if extra:
+                lines.append(f"            {extra}")
+    lines += [
+        "clusters:",
+        "  - name: origin",
+        f"    endpoints: [{{ address: 127.0.0.1:{origin} }}]",
+        "    circuit_breakers: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def envoy_config(port, admin, origin, retry=False, vhosts=None):
+    route_action = {"cluster": "backend"}
+    if retry:
+        route_action["retry_policy"] = {"retry_on": "5xx,connect-failure,reset", "num_retries": 2}
+    if vhosts is None:
+        vhosts = [{"name": "all", "domains": ["*"],
+                   "routes": [{"match": {"prefix": "/"}, "route": route_action}]}]
+    return json.dumps({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress", "codec_type": "AUTO",
+                        "route_config": {"name": "local", "virtual_hosts": vhosts},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                    }}]}],
+            }],
+            "clusters": [{
+                "name": "backend", "type": "STATIC", "connect_timeout": "1s",
+                "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}]},
+                "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": origin}}}}]}]},
+            }],
+        },
+    })
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def build_targets(origin):
+    run = BUILD / "run"
+    t = {}
+    t["direct"] = Target("direct", origin, ["sleep", "100000"])
+    p, a = free_port(), free_port()
+    cfg = write(run / "remora.yaml", remora_config(p, a, origin))
+    t["remora"] = Target("remora", p, [str(REMORA), "--log-level", "error", "run", "-c", str(cfg)])
+    p, a = free_port(), free_port()
+    cfg = write(run / "envoy.json", envoy_config(p, a, origin))
+    t["envoy"] = Target("envoy", p, [str(ENVOY), "--concurrency", "1", "--disable-hot-restart",
+                                     "--log-level", "error", "-c", str(cfg)])
+    p = free_port()
+    hap = (PEERS / "haproxy.cfg").read_text().replace("18002", str(p)).replace("18080", str(origin))
+    cfg = write(run / "haproxy.cfg", hap)
+    t["haproxy"] = Target("haproxy", p, ["haproxy", "-db", "-f", str(cfg)])
+    p, p2 = free_port(), free_port()
+    ngx = (PEERS / "nginx-proxy.conf").read_text().replace("18003", str(p)) \
+        .replace("18013", str(p2)).replace("18080", str(origin))
+    d = run / "nginx-proxy"
+    cfg = write(d / "nginx.conf", ngx)
+    t["nginx"] = Target("nginx", p, ["nginx", "-p", str(d), "-c", str(cfg)], h2_port=p2)
+
+    # Scenario 6: 200 virtual hosts × 10 routes, the matching route last.
+    vh_remora, vh_envoy = [], []
+    for i in range(200):
+        prefixes = [f"/r{j}/" for j in range(9)] + ["/"]
+        vh_remora.append((f"vh{i}", [f'"svc-{i}.bench"'], [(pfx, "") for pfx in prefixes]))
+        vh_envoy.append({"name": f"vh{i}", "domains": [f"svc-{i}.bench"],
+                         "routes": [{"match": {"prefix": pfx}, "route": {"cluster": "backend"}}
+                                    for pfx in prefixes]})
+    host = "svc-199.bench"
+    p, a = free_port(), free_port()
+    cfg = write(run / "remora-routes.yaml", remora_config(p, a, origin, vhosts=vh_remora))
+    t["remora-routes"] = Target("remora-routes", p, [str(REMORA), "--log-level", "error", "run", "-c", str(cfg)], host=host)
+    p, a = free_port(), free_port()
+    cfg = write(run / "envoy-routes.json", envoy_config(p, a, origin, vhosts=vh_envoy))
+    t["envoy-routes"] = Target("envoy-routes", p, [str(ENVOY), "--concurrency", "1", "--disable-hot-restart",
+                                                   "--log-level", "error", "-c", str(cfg)], host=host)
+    # Scenario 7: a retry policy on a healthy upstream.
+    p, a = free_port(), free_port()
+    retry = "retry_policy: { retry_on: [5xx, connect-failure, reset], num_retries: 2 }"
+    cfg = write(run / "remora-retry.yaml", remora_config(p, a, origin, extra_route=retry))
+    t["remora-retry"] = Target("remora-retry", p, [str(REMORA), "--log-level", "error", "run", "-c", str(cfg)])
+    p, a = free_port(), free_port()
+    cfg = write(run / "envoy-retry.json", envoy_config(p, a, origin, retry=True))
+    t["envoy-retry"] = Target("envoy-retry", p, [str(ENVOY), "--concurrency", "1", "--disable-hot-restart",
+                                                 "--log-level", "error", "-c", str(cfg)])
+    return t
+
+
+# === load ===
+
+def wrk(port, conns, seconds, host):
+    out = sh(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s",
+              "-H", f"Host: {host}", f"http://127.0.0.1:{port}/"]).stdout
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, total, int(errors.group(1)) if errors else 0
+
+
+def h2load(port, seconds):
+    out = sh(["taskset", "-c", LOAD_CPU, "h2load", "-c10", "-m10", "-D", str(seconds),
+              f"http://127.0.0.1:{port}/"]).stdout
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    return float(m.group(1)), int(done.group(2))
+
+
+def loadgen(port, rate, seconds, host):
+    out = sh(["taskset", "-c", LOAD_CPU, str(LOADGEN), f"127.0.0.1:{port}", str(rate),
+              str(seconds), "20", host]).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measured(target, fn):
+    """Runs fn(); returns its result and the CPU seconds the target used meanwhile."""
+    pid = target.proc.pid
+    before = cpu_seconds(pid)
+    result = fn()
+    return result, cpu_seconds(pid) - before
+
+
+def run_target(t, args, is_direct):
+    r = {}
+    r["startup_ms"] = None if is_direct else t.start()
+    if is_direct:
+        t.start()
+    time.sleep(0.3)
+    pid = t.proc.pid
+    if not is_direct:
+        r["idle_rss_kib"] = memory_kib(pid, "VmRSS")
+    # 1 + 3: max throughput, 50 connections.
+    (rps, total, errors), cpu = measured(t, lambda: wrk(t.port, 50, args.seconds, t.host))
+    r["rps"], r["errors"] = rps, errors
+    if not is_direct:
+        r["cpu_us_max"] = cpu * 1e6 / max(total, 1)
+    if t.name in ("remora-routes", "envoy-routes", "remora-retry", "envoy-retry"):
+        return r
+    # 2 + 3: fixed 2,000 req/s.
+    lat, cpu = measured(t, lambda: loadgen(t.port, 2000, args.seconds, t.host))
+    r.update({k: lat[k] for k in ("p50_us", "p99_us", "p999_us")})
+    r["rate_errors"] = lat["errors"]
+    if not is_direct:
+        r["cpu_us_2k"] = cpu * 1e6 / max(lat["ok"], 1)
+    # 5: h2c, 10 connections × 10 streams (the origin speaks HTTP/1.1 only).
+    if not is_direct:
+        (h2rps, h2done), cpu = measured(t, lambda: h2load(t.h2_port, args.seconds))
+        r["h2_rps"] = h2rps
+        r["h2_cpu_us"] = cpu * 1e6 / max(h2done, 1)
+        # 4: peak memory with 1,000 keep-alive connections.
+        wrk(t.port, 1000, max(2, args.seconds // 2), t.host)
+        r["rss_1000_kib"] = memory_kib(pid, "VmHWM")
+    return r
+
+
+# === report ===
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    return (min(values), max(values)) if values else None
+
+
+COLUMNS = [
+    ("rps", "rps, 50 conns", "{:,.0f}", "high"),
+    ("cpu_us_max", "CPU µs/req at max", "{:.1f}", "low"),
+    ("cpu_us_2k", "CPU µs/req at 2k/s", "{:.1f}", "low"),
+    ("p50_us", "p50 at 2k/s (µs)", "{:.0f}", "low"),
+    ("p99_us", "p99 at 2k/s (µs)", "{:.0f}", "low"),
+    ("p999_us", "p99.9 at 2k/s (µs)", "{:.0f}", "low"),
+    ("idle_rss_kib", "idle RSS (MiB)", "{:.1f}", "low"),
+    ("rss_1000_kib", "RSS, 1000 conns (MiB)", "{:.1f}", "low"),
+    ("h2_rps", "h2c rps (10×10)", "{:,.0f}", "high"),
+    ("h2_cpu_us", "h2c CPU µs/req", "{:.1f}", "low"),
+    ("startup_ms", "startup (ms)", "{:.1f}", "low"),
+]
+
+
+def fmt(key, fmt_, v):
+    if v is None:
+        return "-"
+    if key.endswith("_kib"):
+        v = v / 1024
+    return fmt_.format(v)
+
+
+def report(runs, args, versions):
+    names = ["direct", "remora", "envoy", "haproxy", "nginx"]
+    meds = {n: {k: med([r.get(k) for r in runs[n]]) for k, *_ in COLUMNS + [("p50_us",)]}
+            for n in runs}
+    direct = meds.get("direct", {})
+    lines = [f"# Benchmark {datetime.date.today().isoformat()}", ""]
+    lines.append(f"Machine: {os.cpu_count()} cores, {versions['cpu']}; proxy pinned to CPU {PROXY_CPU}, "
+                 f"origin (nginx) and load (wrk, h2load, loadgen) on CPU {LOAD_CPU}. "
+                 f"{args.rounds} interleaved round(s), {args.seconds} s per measurement; medians, "
+                 "with min–max over rounds in the detail table.")
+    lines.append("")
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "cpu"))
+    lines.append("")
+    lines.append("| target | " + " | ".join(c[1] for c in COLUMNS) + " | added p50 / p99 (µs) |")
+    lines.append("|---" * (len(COLUMNS) + 2) + "|")
+    for n in names:
+        m = meds[n]
+        added = "-"
+        if n != "direct" and m.get("p50_us") is not None and direct.get("p50_us") is not None:
+            added = f"{m['p50_us'] - direct['p50_us']:.0f} / {m['p99_us'] - direct['p99_us']:.0f}"
+        lines.append(f"| {n} | " + " | ".join(fmt(k, f, m.get(k)) for k, _, f, _ in COLUMNS) + f" | {added} |")
+    lines.append("")
+    lines.append("Ratios for remora (remora ÷ other; below 1 is better for costs, above 1 for rates):")
+    lines.append("")
+    lines.append("| metric | vs Envoy | vs best peer (which) |")
+    lines.append("|---|---|---|")
+    for k, label, _, better in COLUMNS:
+        r = meds["remora"].get(k)
+        e = meds["envoy"].get(k)
+        peers = {p: meds[p].get(k) for p in ("envoy", "haproxy", "nginx") if meds[p].get(k)}
+        if r is None or not peers:
+            continue
+        best = max(peers, key=peers.get) if better == "high" else min(peers, key=peers.get)
+        vs_e = f"{r / e:.2f}" if e else "-"
+        lines.append(f"| {label} | {vs_e} | {r / peers[best]:.2f} ({best}) |")
+    lines.append("")
+    lines.append("Routing cost (200 virtual hosts × 10 routes, matching route last) and the cost of a "
+                 "retry policy on a healthy upstream, 50 connections:")
+    lines.append("")
+    lines.append("| target | rps | CPU µs/req |")
+    lines.append("|---|---|---|")
+    for n in ("remora", "remora-routes", "remora-retry", "envoy", "envoy-routes", "envoy-retry"):
+        m = meds[n]
+        lines.append(f"| {n} | {fmt('rps', '{:,.0f}', m.get('rps'))} | {fmt('cpu_us_max', '{:.1f}', m.get('cpu_us_max'))} |")
+    lines.append("")
+    lines.append(f"Instructions per request: {versions.get('perf_note')}")
+    lines.append("")
+    lines.append("Detail (min–max over rounds):")
+    lines.append("")
+    lines.append("| target | metric | values |")
+    lines.append("|---|---|---|")
+    for n in runs:
+        for k, label, f, _ in COLUMNS:
+            vals = [r.get(k) for r in runs[n] if r.get(k) is not None]
+            if vals:
+                lines.append(f"| {n} | {label} | " + ", ".join(fmt(k, f, v) for v in vals) + " |")
+    return "\n".join(lines) + "\n", meds
+
+
+def chart(meds, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = ["direct", "remora", "envoy", "haproxy", "nginx"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar(names, [meds[n].get("rps") or 0 for n in names], color=["gray", "tab:green", "tab:purple", "tab:blue", "tab:orange"])
+    a.set_title("Throughput, HTTP/1.1, 50 connections (req/s)")
+    width = 0.25
+    for i, (k, lab) in enumerate([("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")]):
+        b.bar([x + i * width for x in range(len(names))], [meds[n].get(k) or 0 for n in names], width, label=lab)
+    b.set_xticks([x + width for x in range(len(names))], names)
+    b.set_title("Latency at 2,000 req/s (µs)")
+    b.set_yscale("log")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="every scenario once, short")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=10)
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.seconds = 1, 1
+    perf_ok = "<not supported>" not in sh(["perf", "stat", "-e", "instructions", "true"]).stderr
+    versions = {
+        "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                     if l.startswith("model name")), "?"),
+        "remora": sh([str(REMORA), "--version"]).stdout.strip().removeprefix("remora "),
+        "envoy": re.sub(r".*?/(\d+\.\d+\.\d+)/.*", r"\1", sh([str(ENVOY), "--version"]).stdout.strip()),
+        "haproxy": sh(["haproxy", "-v"]).stdout.split()[2],
+        "nginx": sh(["nginx", "-v"]).stderr.strip().split("/")[-1],
+        "perf_note": "measured with perf stat" if perf_ok else
+        "not available: `perf stat -e instructions` answers <not supported> on this machine (no PMU in the VM)",
+    }
+    origin, status = free_port(), free_port()
+    od = BUILD / "run" / "origin"
+    ocfg = write(od / "nginx.conf", (PEERS / "backend-nginx.conf").read_text()
+                 .replace("18080", str(origin)).replace("18081", str(status)))
+    origin_proc = subprocess.Popen(["taskset", "-c", LOAD_CPU, "nginx", "-p", str(od), "-c", str(ocfg)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(300):
+            if http_ok(origin):
+                break
+            time.sleep(0.01)
+        targets = build_targets(origin)
+        order = ["direct", "remora", "envoy", "haproxy", "nginx",
+                 "remora-routes", "envoy-routes", "remora-retry", "envoy-retry"]
+        runs = {n: [] for n in order}
+        for rnd in range(args.rounds):
+            for n in order:
+                t = targets[n]
+                try:
+                    r = run_target(t, args, n == "direct")
+                finally:
+                    t.stop()
+                runs[n].append(r)
+                print(f"round {rnd + 1} {n}: " + json.dumps({k: round(v, 1) if isinstance(v, float) else v
+                                                           for k, v in r.items()}), flush=True)
+    finally:
+        os.killpg(origin_proc.pid, signal.SIGKILL)
+        origin_proc.wait()
+    text, meds = report(runs, args, versions)
+    failed = [n for n in runs for r in runs[n] if r.get("errors") or r.get("rate_errors")]
+    if args.quick:
+        out = BUILD / "quick.md"
+        write(out, text)
+        print(text)
+        print(f"quick run: every scenario ran ({sum(len(v) for v in runs.values())} target runs)")
+        return 0 if all(runs[n] for n in order) else 1
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.date.today().isoformat()
+    md, png = RESULTS / f"{stamp}.md", RESULTS / f"{stamp}.png"
+    if chart(meds, png):
+        text += f"\n![throughput and latency]({png.name})\n"
+    if failed:
+        text += f"\nRuns with non-2xx answers or errors: {', '.join(sorted(set(failed)))}\n"
+    md.write_text(text)
+    print(text)
+    print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
