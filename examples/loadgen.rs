@@ -48,7 +48,11 @@ async fn main() {
                 // Late because the previous answer was: count from the due time (the wait is
                 // real queueing). Late only because the timer wheel ticks in milliseconds:
                 // count from now, so timer slop does not pose as proxy latency.
-                let from = if previous_done > due { due } else { Instant::now() };
+                let from = if previous_done > due {
+                    due
+                } else {
+                    Instant::now()
+                };
                 let req = http::Request::get("/")
                     .header("host", host.as_str())
                     .body(Empty::new())
