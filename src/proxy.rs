@@ -406,13 +406,19 @@ impl Record {
         }
     }
 
-    /// Counts the request as in flight on `endpoint` until the record is done.
+    /// Counts the request as in flight on `endpoint` (instead of the one an earlier attempt
+    /// went to) until the record is done.
     fn track(&mut self, endpoint: Arc<Endpoint>) {
         endpoint
             .state
             .active_requests
             .fetch_add(1, Ordering::Relaxed);
-        self.endpoint = Some(endpoint);
+        if let Some(previous) = self.endpoint.replace(endpoint) {
+            previous
+                .state
+                .active_requests
+                .fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -473,3 +473,23 @@ async fn a_reset_mid_body_reaches_the_client_as_a_broken_body_and_remora_keeps_s
         after.body
     );
 }
+
+#[tokio::test]
+async fn retried_requests_leave_no_in_flight_count_behind() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    a.set_status(503);
+    b.set_status(503);
+    let routes = route_with("            retry_policy: { retry_on: [5xx], num_retries: 1 }\n");
+    let clusters = cluster("c", &[(a.port(), 1), (b.port(), 1)], "");
+    let p = proxy(&config(&routes, &clusters)).await;
+    let cl = client();
+    for _ in 0..5 {
+        assert_eq!(get(&cl, p.addr, "svc", "/", &[]).await.status, 503);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let listing: serde_json::Value =
+        serde_json::from_str(&get(&cl, p.admin, "a", "/clusters", &[]).await.body).unwrap();
+    for ep in listing["clusters"][0]["endpoints"].as_array().unwrap() {
+        assert_eq!(ep["active_requests"], 0, "{ep}");
+    }
+}
