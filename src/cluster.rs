@@ -23,7 +23,7 @@ use self::budget::RetryBudget;
 use self::health::HealthCheckConfig;
 use self::outlier::{Breaker, BreakerState, Observation, OutlierConfig, Transition};
 use crate::config::raw::{DiscoveryType, LbPolicy, RawCluster, UpstreamProtocol};
-use crate::metrics::ClusterMetrics;
+use crate::metrics::{ClusterMetrics, ENDPOINT_STATES};
 use crate::upstream::Pool;
 
 /// Default `connect_timeout`.
@@ -270,13 +270,10 @@ impl Cluster {
         };
         let mut counts = [0i64; 4];
         for e in &endpoints {
-            let i = match e.state.label() {
-                "healthy" => 0,
-                "unhealthy" => 1,
-                "ejected" => 2,
-                _ => 3,
-            };
-            counts[i] += 1;
+            let label = e.state.label();
+            if let Some(i) = ENDPOINT_STATES.iter().position(|s| *s == label) {
+                counts[i] += 1;
+            }
         }
         self.metrics.set_endpoint_counts(counts);
         self.members.store(Arc::new(Members {

@@ -45,7 +45,7 @@ pub async fn handle(
     in_flight: InFlight,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let mut record = Record::start(&ctx, &req, in_flight);
+    let mut record = Record::start(ctx.clone(), &req, in_flight);
     let resp = match proxy(&ctx, client, req, &mut record).await {
         Ok(resp) => resp,
         Err(err) => {
@@ -355,8 +355,8 @@ fn request_hash(cluster: &Cluster, parts: &http::request::Parts, client: SocketA
 /// What is known about a request as it goes; recorded (metrics, access log) when the
 /// response body is finished or dropped.
 struct Record {
-    ctx_log: Option<AccessLog>,
-    metrics: crate::metrics::ListenerMetrics,
+    /// The listener's metrics and access log (one `Arc`, not a copy of each per request).
+    ctx: Arc<ListenerContext>,
     started: Instant,
     method: http::Method,
     authority: String,
@@ -375,16 +375,17 @@ struct Record {
 }
 
 impl Record {
-    fn start(ctx: &ListenerContext, req: &Request<Incoming>, in_flight: InFlight) -> Record {
+    fn start(ctx: Arc<ListenerContext>, req: &Request<Incoming>, in_flight: InFlight) -> Record {
         let logging = ctx.access_log.is_some();
         Record {
-            ctx_log: ctx.access_log.clone(),
-            metrics: ctx.settings.metrics.clone(),
+            ctx,
             started: Instant::now(),
             method: req.method().clone(),
             // Only the access log needs these strings; skip the copies otherwise.
             authority: if logging {
-                authority_for_log(req)
+                authority(req.uri(), req.headers().get(header::HOST), req.version())
+                    .unwrap_or_default()
+                    .to_owned()
             } else {
                 String::new()
             },
@@ -422,23 +423,17 @@ impl Record {
     }
 }
 
-fn authority_for_log(req: &Request<Incoming>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
-}
-
 impl Drop for Record {
     fn drop(&mut self) {
         if let Some(ep) = &self.endpoint {
             ep.state.active_requests.fetch_sub(1, Ordering::Relaxed);
         }
         let elapsed = self.started.elapsed();
-        self.metrics.request(self.status, elapsed.as_secs_f64());
-        if let Some(log) = &self.ctx_log {
+        self.ctx
+            .settings
+            .metrics
+            .request(self.status, elapsed.as_secs_f64());
+        if let Some(log) = &self.ctx.access_log {
             log.write(&Entry {
                 time: access_log::rfc3339(SystemTime::now() - elapsed),
                 method: self.method.to_string(),

@@ -7,11 +7,7 @@ use crate::support::*;
 #[tokio::test]
 async fn forwarding_headers_follow_the_design() {
     let up = Upstream::start("up").await;
-    let p = proxy(&config(
-        &one_route("cluster: up"),
-        &cluster("up", &[(up.port(), 1)], ""),
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let cl = client();
     let r = get(
         &cl,
@@ -58,11 +54,7 @@ async fn forwarding_headers_follow_the_design() {
 #[tokio::test]
 async fn upstream_connections_are_pooled_and_reused() {
     let up = Upstream::start("up").await;
-    let p = proxy(&config(
-        &one_route("cluster: up"),
-        &cluster("up", &[(up.port(), 1)], ""),
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let cl = client();
     for _ in 0..50 {
         assert_eq!(get(&cl, p.addr, "svc", "/", &[]).await.status, 200);
@@ -111,11 +103,7 @@ async fn h2c_client_to_http1_upstream_and_http1_client_to_h2c_upstream() {
 async fn upstream_errors_pass_through_untouched_and_methods_are_kept() {
     let up = Upstream::start("up").await;
     up.set_status(503);
-    let p = proxy(&config(
-        &one_route("cluster: up"),
-        &cluster("up", &[(up.port(), 1)], ""),
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let cl = client();
     let req = Request::delete(format!("http://{}/thing", p.addr))
         .header("host", "svc")
@@ -138,11 +126,7 @@ async fn upstream_errors_pass_through_untouched_and_methods_are_kept() {
 async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
     let up = Upstream::start("up").await;
     up.set_delay(std::time::Duration::from_millis(500));
-    let p = proxy(&config(
-        &one_route("cluster: up"),
-        &cluster("up", &[(up.port(), 1)], ""),
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let addr = p.addr;
     let in_flight: Vec<_> = (0..5)
         .map(|_| tokio::spawn(async move { get(&client(), addr, "svc", "/", &[]).await.status }))

@@ -14,11 +14,7 @@ use crate::support::*;
 #[tokio::test]
 async fn large_bodies_stream_through_in_both_directions() {
     let up = Upstream::start("up").await;
-    let p = proxy(&config(
-        &one_route("cluster: up"),
-        &cluster("up", &[(up.port(), 1)], ""),
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let payload: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let req = Request::post(format!("http://{}/echo", p.addr))
         .header("host", "svc")
@@ -34,11 +30,7 @@ async fn large_bodies_stream_through_in_both_directions() {
 #[tokio::test]
 async fn a_streaming_response_arrives_chunk_by_chunk() {
     let up = Upstream::start("up").await;
-    let p = proxy(&config(
-        &one_route("cluster: up"),
-        &cluster("up", &[(up.port(), 1)], ""),
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let req = Request::get(format!("http://{}/stream", p.addr))
         .header("host", "svc")
         .body(Full::new(Bytes::new()))

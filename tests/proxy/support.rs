@@ -193,6 +193,15 @@ pub async fn proxy(yaml: &str) -> Proxy {
     }
 }
 
+/// remora with every request routed to `up` (cluster `up`).
+pub async fn proxy_to(up: &Upstream) -> Proxy {
+    proxy(&config(
+        &one_route("cluster: up"),
+        &cluster("up", &[(up.port(), 1)], ""),
+    ))
+    .await
+}
+
 /// A config with one listener `main` and the given route and cluster sections.
 pub fn config(routes: &str, clusters: &str) -> String {
     format!(
