@@ -1,9 +1,9 @@
 //! Watches the config file for changes, however they are made: written in place, written to
 //! a temporary file and renamed over it, deleted and recreated, or swapped underneath as a
 //! Kubernetes ConfigMap does (the file is a symlink through `..data`, which is replaced
-//! atomically). It watches the directories, not the file, debounces bursts, recreates the
-//! watcher if it fails, and also compares the file's hash every few seconds in case an event
-//! was missed. Only a changed hash asks for a reload.
+//! atomically). It watches the directories, not the file, ignores events about other files
+//! in them, debounces bursts, recreates the watcher if it fails, and also compares the file's
+//! hash every few seconds in case an event was missed. Only a changed hash asks for a reload.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -85,13 +85,19 @@ fn content_hash(path: &Path) -> Option<String> {
         .map(|t| crate::app::config_hash(&t))
 }
 
-/// Watches the file's directory, and the directory of the file it links to, if any.
+/// Watches the file's directory, and the directory of the file it links to, if any. Only
+/// events that name the file, the first step of its symlink (`..data` in a ConfigMap), or the
+/// file it links to are passed on: a directory such as the working directory may see many
+/// writes to other files, and each would otherwise cost a read and hash of the config.
 fn start_watcher(
     path: &Path,
     events: mpsc::UnboundedSender<Result<(), String>>,
 ) -> notify::Result<notify::RecommendedWatcher> {
+    let relevant = relevant_names(path);
     let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-        let _ = events.send(e.map(|_| ()).map_err(|e| e.to_string()));
+        if e.as_ref().map_or(true, |event| concerns(event, &relevant)) {
+            let _ = events.send(e.map(|_| ()).map_err(|e| e.to_string()));
+        }
     })?;
     let dir = parent(path);
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
@@ -106,9 +112,86 @@ fn start_watcher(
     Ok(watcher)
 }
 
+/// File names whose events may mean the config changed: its own, the first component of a
+/// relative symlink target (`..data/config.yaml` → `..data`), and the final target's.
+fn relevant_names(path: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<std::ffi::OsString> = path.file_name().into_iter().map(Into::into).collect();
+    if let Ok(link) = std::fs::read_link(path) {
+        if let Some(std::path::Component::Normal(first)) = link.components().next() {
+            names.push(first.to_owned());
+        }
+    }
+    if let Some(name) = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|t| t.file_name().map(Into::into))
+    {
+        names.push(name);
+    }
+    names
+}
+
+/// Whether an event may concern the config: it names one of `relevant`, or names nothing
+/// (a rescan or an overflowed queue, after which anything may have changed).
+fn concerns(event: &notify::Event, relevant: &[std::ffi::OsString]) -> bool {
+    event.paths.is_empty()
+        || event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|n| relevant.iter().any(|r| r == n))
+        })
+}
+
 fn parent(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
+
+    fn event(kind: EventKind, paths: &[&Path]) -> notify::Event {
+        let mut e = notify::Event::new(kind);
+        e.paths = paths.iter().map(|p| p.to_path_buf()).collect();
+        e
+    }
+
+    #[test]
+    fn only_events_about_the_config_or_its_links_pass() {
+        let dir = std::env::temp_dir().join(format!("remora-watch-{}", std::process::id()));
+        let version = dir.join("..2026_11_26_v1");
+        std::fs::create_dir_all(&version).unwrap();
+        std::fs::write(version.join("remora.yaml"), "{}").unwrap();
+        let _ = std::fs::remove_file(dir.join("..data"));
+        let _ = std::fs::remove_file(dir.join("remora.yaml"));
+        std::os::unix::fs::symlink("..2026_11_26_v1", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/remora.yaml", dir.join("remora.yaml")).unwrap();
+
+        let names = relevant_names(&dir.join("remora.yaml"));
+        let write = EventKind::Modify(ModifyKind::Any);
+        let swap = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        // The ConfigMap swap renames `..data_tmp` over `..data`.
+        assert!(concerns(
+            &event(swap, &[&dir.join("..data_tmp"), &dir.join("..data")]),
+            &names
+        ));
+        assert!(concerns(&event(write, &[&dir.join("remora.yaml")]), &names));
+        assert!(concerns(
+            &event(write, &[&version.join("remora.yaml")]),
+            &names
+        ));
+        assert!(concerns(&event(EventKind::Other, &[]), &names));
+        // Other files in the same directories do not.
+        assert!(!concerns(&event(write, &[&dir.join("access.log")]), &names));
+        assert!(!concerns(
+            &event(
+                EventKind::Create(CreateKind::File),
+                &[&dir.join(".remora.yaml.swp")]
+            ),
+            &names
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
