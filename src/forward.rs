@@ -33,34 +33,56 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The hop-by-hop headers that never cross the proxy (RFC 9110 §7.6.1), besides any named in
+/// `Connection`. `te` is among them but may stay as `te: trailers`.
+const HOP_BY_HOP: [&HeaderName; 7] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TRANSFER_ENCODING,
+    &header::TRAILER,
+    &header::UPGRADE,
+    &header::TE,
+];
+
 /// Removes hop-by-hop headers: the standard ones and any named in `Connection`. `te` stays
 /// only as `te: trailers` (gRPC needs it). An upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass over the (few) names first: most messages carry none of these, or only
+    // `Connection: keep-alive`, and a scan is much cheaper than seven hashed removals.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
         .collect();
     for name in named {
         headers.remove(name);
     }
-    headers.remove(header::CONNECTION);
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::TRAILER);
-    if !upgrade {
-        headers.remove(header::UPGRADE);
-    } else {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    if let Some(te) = headers.get(header::TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            headers.remove(header::TE);
+    let keep_te = headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        let keep = (upgrade && *name == header::UPGRADE) || (keep_te && *name == header::TE);
+        if !keep {
+            headers.remove(*name);
         }
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
@@ -79,23 +101,43 @@ fn apply_ops(headers: &mut HeaderMap, remove: &[HeaderName], add: &[HeaderOp]) {
 
 /// A fresh random request id in UUID v4 form.
 pub fn new_request_id() -> HeaderValue {
-    let mut v = fastrand::u128(..);
-    v = (v & !(0xf << 76)) | (0x4 << 76);
-    v = (v & !(0x3 << 62)) | (0x2 << 62);
-    let s = format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        (v >> 96) as u32,
-        (v >> 80) as u16,
-        (v >> 64) as u16,
-        (v >> 48) as u16,
-        (v & 0xffff_ffff_ffff) as u64
-    );
-    HeaderValue::from_str(&s).expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bytes = fastrand::u128(..).to_be_bytes();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+                                         // 8-4-4-4-12 hex digits, written directly (this runs on every request).
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
+        }
+        out[at] = HEX[usize::from(b >> 4)];
+        out[at + 1] = HEX[usize::from(b & 0xf)];
+        at += 2;
+    }
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
+}
+
+/// The client end of a downstream connection, worked out once per connection.
+#[derive(Clone)]
+pub struct Client {
+    pub addr: SocketAddr,
+    /// The client's IP as a header value, for `x-forwarded-for`.
+    pub ip_header: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        let ip_header = HeaderValue::from_str(&addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Client { addr, ip_header }
+    }
 }
 
 /// What the upstream request needs from the downstream side.
 pub struct Downstream<'a> {
-    pub client: SocketAddr,
+    pub client: &'a Client,
     /// `http` or `https`.
     pub scheme: &'static str,
     /// The request's authority (Host or `:authority`).
@@ -114,12 +156,18 @@ pub fn upstream_request(
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, down.upgrade);
 
-    let client_ip = down.client.ip().to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {client_ip}"),
-        _ => client_ip,
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) if !prev.is_empty() => {
+            let ip = down.client.ip_header.as_bytes();
+            let mut joined = Vec::with_capacity(prev.len() + 2 + ip.len());
+            joined.extend_from_slice(prev.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip);
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        _ => Some(down.client.ip_header.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(
@@ -136,14 +184,13 @@ pub fn upstream_request(
     );
 
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let rewritten;
-    let path_and_query = match (&route.prefix_rewrite, &route.path) {
+    let rewritten = match (&route.prefix_rewrite, &route.path) {
         (Some(new_prefix), PathMatch::Prefix(old)) if path_and_query.starts_with(old.as_str()) => {
-            rewritten = format!("{new_prefix}{}", &path_and_query[old.len()..]);
-            rewritten.as_str()
+            Some(format!("{new_prefix}{}", &path_and_query[old.len()..]))
         }
-        _ => path_and_query,
+        _ => None,
     };
+    let path_and_query = rewritten.as_deref().unwrap_or(path_and_query);
     let authority = route
         .host_rewrite
         .as_ref()
@@ -153,9 +200,20 @@ pub fn upstream_request(
     match protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
-            parts.uri = Uri::try_from(path_and_query).unwrap_or_else(|_| Uri::from_static("/"));
-            if let Ok(host) = HeaderValue::from_str(authority) {
-                parts.headers.insert(header::HOST, host);
+            // Most requests arrive in origin form with a Host header and no rewrite: then the
+            // head goes upstream as it came, without rebuilding the URI or Host. (An
+            // absolute-form URI's authority overrides Host, RFC 9112 §3.2.2.)
+            let origin_form = parts.uri.authority().is_none();
+            if rewritten.is_some() || !origin_form {
+                parts.uri = Uri::try_from(path_and_query).unwrap_or_else(|_| Uri::from_static("/"));
+            }
+            let host_as_sent = route.host_rewrite.is_none()
+                && origin_form
+                && parts.headers.contains_key(header::HOST);
+            if !host_as_sent {
+                if let Ok(host) = HeaderValue::from_str(authority) {
+                    parts.headers.insert(header::HOST, host);
+                }
             }
         }
         UpstreamProtocol::Http2 => {
@@ -204,6 +262,15 @@ mod tests {
         let s = id.to_str().unwrap();
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"));
+        assert_eq!(
+            s.char_indices()
+                .filter(|&(_, c)| c == '-')
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>(),
+            [8, 13, 18, 23]
+        );
+        assert!(s.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
         assert_ne!(new_request_id(), id);
     }
 

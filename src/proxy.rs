@@ -24,7 +24,7 @@ use crate::cluster::outlier::Observation;
 use crate::cluster::{Cluster, Endpoint};
 use crate::config::raw::LbPolicy;
 use crate::error::ProxyError;
-use crate::forward::{self, Downstream};
+use crate::forward::{self, Client, Downstream};
 use crate::listener::InFlight;
 use crate::retry::{Failure, Replay};
 use crate::router::{Action, Route};
@@ -41,12 +41,12 @@ pub struct ListenerContext {
 /// Serves one request. Never fails: errors become local replies (see `error.rs`).
 pub async fn handle(
     ctx: Arc<ListenerContext>,
-    client: SocketAddr,
+    client: Client,
     in_flight: InFlight,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut record = Record::start(ctx.clone(), &req, in_flight);
-    let resp = match proxy(&ctx, client, req, &mut record).await {
+    let resp = match proxy(&ctx, &client, req, &mut record).await {
         Ok(resp) => resp,
         Err(err) => {
             let (_, marker) = err.status_and_marker();
@@ -68,7 +68,7 @@ pub async fn handle(
 
 async fn proxy(
     ctx: &ListenerContext,
-    client: SocketAddr,
+    client: &Client,
     req: Request<Incoming>,
     record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
@@ -109,7 +109,7 @@ async fn proxy(
 
     // 4. Pick an endpoint and send (retrying per the route's policy), within the route's
     //    timeout, which covers every attempt and the backoff between them.
-    let hash = request_hash(cluster, &parts, client);
+    let hash = request_hash(cluster, &parts, client.addr);
     let upgrade = forward::is_upgrade(&parts);
     let on_client_upgrade = if upgrade {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
@@ -124,11 +124,13 @@ async fn proxy(
     };
     let upstream_req =
         forward::upstream_request(parts, body::incoming(body), route, &down, cluster.protocol);
-    record.request_id = upstream_req
-        .headers()
-        .get(&forward::X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    if ctx.access_log.is_some() {
+        record.request_id = upstream_req
+            .headers()
+            .get(&forward::X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+    }
     let exchange = async {
         match on_client_upgrade {
             Some(client_io) => {

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::config::raw::ListenerProtocol;
+use crate::forward::Client;
 use crate::proxy::{self, ListenerContext};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -123,8 +124,10 @@ pub async fn serve(
         state: (protocol == Protocol::Http1).then(|| state.clone()),
     });
     let service = {
-        let (ctx, state) = (ctx.clone(), state.clone());
-        service_fn(move |req| proxy::handle(ctx.clone(), peer, InFlight::begin(&state), req))
+        let (ctx, state, client) = (ctx.clone(), state.clone(), Client::new(peer));
+        service_fn(move |req| {
+            proxy::handle(ctx.clone(), client.clone(), InFlight::begin(&state), req)
+        })
     };
     let limits = Limits {
         headers_timeout: settings.request_headers_timeout,

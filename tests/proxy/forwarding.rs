@@ -46,9 +46,26 @@ async fn forwarding_headers_follow_the_design() {
     let id = h["x-request-id"].to_str().unwrap();
     assert_eq!(id.len(), 36, "generated request id {id}");
 
-    // A request id from the client is kept.
+    // A request id from the client is kept; without x-forwarded-for the client IP starts it.
     get(&cl, p.addr, "svc", "/b", &[("x-request-id", "abc-123")]).await;
     assert_eq!(up.seen()[1].headers["x-request-id"], "abc-123");
+    assert_eq!(up.seen()[1].headers["x-forwarded-for"], "127.0.0.1");
+
+    // An absolute-form request: its authority replaces Host (RFC 9112 §3.2.2) and the
+    // upstream gets the origin form.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    raw.write_all(
+        b"GET http://abs.example:9000/c?q=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let seen = &up.seen()[2];
+    assert_eq!(seen.headers["host"], "abs.example:9000");
+    assert_eq!(seen.uri, "/c?q=1");
 }
 
 #[tokio::test]
