@@ -52,9 +52,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // `Connection: keep-alive`, and a scan is much cheaper than seven hashed removals.
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
-            present[i] = true;
-        }
+        let i = match name.as_str() {
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "transfer-encoding" => 3,
+            "trailer" => 4,
+            "upgrade" => 5,
+            "te" => 6,
+            _ => continue,
+        };
+        debug_assert_eq!(HOP_BY_HOP[i], name);
+        present[i] = true;
     }
     if !present.contains(&true) {
         return;

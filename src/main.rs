@@ -93,16 +93,12 @@ fn run_async(
         version = env!("CARGO_PKG_VERSION"),
         "starting remora"
     );
-    // One worker: a single-threaded runtime on this thread, like one event loop of nginx or
-    // Envoy, without the work-stealing machinery a pool of one does not need.
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers).thread_name("remora-worker");
-        b
-    };
-    let runtime = builder.enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("remora-worker")
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -211,25 +211,35 @@ async fn drive<C, E>(
             (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
         });
     tokio::pin!(conn);
-    let mut closing = *drain.borrow();
-    if closing {
-        shutdown(conn.as_mut());
-    }
+    // Both futures live as long as the connection: building a timer or a watch wait anew on
+    // every wake-up (several per request) would cost more than the request's own parsing.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let drain_begins = async move {
+        // Resolves once: when draining starts, or the listener is gone.
+        while !*drain.borrow_and_update() {
+            if drain.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::pin!(drain_begins);
+    let mut closing = false;
     loop {
         tokio::select! {
+            // The connection first: it is what wakes this task almost every time.
+            biased;
             result = conn.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(%error, "connection ended with an error");
                 }
                 return;
             }
-            changed = drain.changed(), if !closing => {
-                if changed.is_err() || *drain.borrow() {
-                    closing = true;
-                    shutdown(conn.as_mut());
-                }
+            () = &mut drain_begins, if !closing => {
+                closing = true;
+                shutdown(conn.as_mut());
             }
-            _ = tokio::time::sleep(tick) => {
+            _ = ticks.tick() => {
                 if headers_timeout.is_some_and(|t| state.head_overdue(t)) {
                     tracing::debug!("request headers not received in time; closing");
                     return;
