@@ -280,8 +280,8 @@ def measured(target, fn):
 def instructions_per_request(t, requests):
     """User-space instructions per request, counted by callgrind while h2load sends exactly
     `requests` HTTP/1.1 requests over 50 connections (after a warm-up, with the counters
-    zeroed). Counts are exact and repeat to well under 1% between runs, whatever else the
-    machine does, so this is the figure to track (`perf stat -e instructions` needs a PMU,
+    zeroed). Counts repeat to within 1-3% between runs, whatever else the machine does
+    (CPU time: 5-10%), so this is the figure to track (`perf stat -e instructions` needs a PMU,
     which this VM does not have). The kernel's share is not included."""
     argv = list(t.argv)
     if argv[0] == str(ENVOY):
