@@ -367,11 +367,6 @@ def med(values):
     return statistics.median(values) if values else None
 
 
-def spread(values):
-    values = [v for v in values if v is not None]
-    return (min(values), max(values)) if values else None
-
-
 COLUMNS = [
     ("rps", "rps, 50 conns", "{:,.0f}", "high"),
     ("cpu_us_max", "CPU µs/req at max", "{:.1f}", "low"),
@@ -398,7 +393,7 @@ def fmt(key, fmt_, v):
 
 def report(runs, args, versions):
     names = ["direct", "remora", "envoy", "haproxy", "nginx"]
-    meds = {n: {k: med([r.get(k) for r in runs[n]]) for k, *_ in COLUMNS + [("p50_us",)]}
+    meds = {n: {k: med([r.get(k) for r in runs[n]]) for k, *_ in COLUMNS}
             for n in runs}
     direct = meds.get("direct", {})
     lines = [f"# Benchmark {datetime.date.today().isoformat()}", ""]

@@ -14,35 +14,34 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// Generated when absent, passed through when present.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Whether a request asks to switch protocols (WebSocket) over HTTP/1.1.
 pub fn is_upgrade(parts: &request::Parts) -> bool {
     parts.version == Version::HTTP_11
         && parts.headers.contains_key(header::UPGRADE)
-        && connection_has(&parts.headers, "upgrade")
+        && connection_tokens(&parts.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+/// The comma-separated tokens of every `Connection` header, trimmed.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(str::trim)
 }
 
 /// The hop-by-hop headers that never cross the proxy (RFC 9110 §7.6.1), besides any named in
 /// `Connection`. `te` is among them but may stay as `te: trailers`.
-const HOP_BY_HOP: [&HeaderName; 7] = [
-    &header::CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &header::TRANSFER_ENCODING,
-    &header::TRAILER,
-    &header::UPGRADE,
-    &header::TE,
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "trailer",
+    "upgrade",
+    "te",
 ];
 
 /// Removes hop-by-hop headers: the standard ones and any named in `Connection`. `te` stays
@@ -52,28 +51,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // `Connection: keep-alive`, and a scan is much cheaper than seven hashed removals.
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
-        let i = match name.as_str() {
-            "connection" => 0,
-            "keep-alive" => 1,
-            "proxy-connection" => 2,
-            "transfer-encoding" => 3,
-            "trailer" => 4,
-            "upgrade" => 5,
-            "te" => 6,
-            _ => continue,
-        };
-        debug_assert_eq!(HOP_BY_HOP[i], name);
-        present[i] = true;
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
+            present[i] = true;
+        }
     }
     if !present.contains(&true) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+    let named: Vec<HeaderName> = connection_tokens(headers)
         .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
@@ -85,7 +70,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .get(header::TE)
         .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
-        let keep = (upgrade && *name == header::UPGRADE) || (keep_te && *name == header::TE);
+        let keep = (upgrade && *name == "upgrade") || (keep_te && *name == "te");
         if !keep {
             headers.remove(*name);
         }
