@@ -438,7 +438,7 @@ def report(runs, args, versions):
     lines.append("")
     lines.append("Instructions per request: user-space instructions counted by callgrind over a fixed "
                  "number of requests (h2load, HTTP/1.1, 50 connections), once per run since the count "
-                 "does not vary; the kernel's share (about three quarters of the CPU time, see "
+                 "repeats to within 1-3%; the kernel's share (about three quarters of the CPU time, see "
                  f"bench/README.md) is not included. {versions.get('perf_note')}")
     lines.append("")
     lines.append("Detail (min–max over rounds):")
