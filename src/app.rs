@@ -60,6 +60,9 @@ pub fn config_hash(text: &str) -> String {
     format!("{:016x}", hash_bytes(text.as_bytes()))
 }
 
+/// Wait before a config file that failed to apply for a passing reason is tried again.
+const TRANSIENT_RETRY: Duration = Duration::from_secs(5);
+
 impl App {
     /// Starts serving a validated config, parsed from `text`.
     pub async fn start(raw: RawConfig, source: ConfigSource, text: &str) -> io::Result<App> {
@@ -167,8 +170,9 @@ impl App {
             return;
         };
         let (tx, mut changes) = mpsc::channel(1);
-        crate::config::watch::spawn(path.clone(), tx);
-        let control = self.control.clone();
+        let running = self.store.load().hash.clone();
+        crate::config::watch::spawn(path.clone(), running, tx.clone());
+        let (control, admin) = (self.control.clone(), self.admin.clone());
         tokio::spawn(async move {
             while changes.recv().await.is_some() {
                 let (reply, answer) = oneshot::channel();
@@ -180,7 +184,22 @@ impl App {
                 if control.send(cmd).await.is_err() {
                     return;
                 }
-                let _ = answer.await;
+                let outcome = answer.await;
+                // A file that failed to apply for a passing reason is tried again, until it
+                // applies or the file changes (which asks anyway).
+                let transient = admin
+                    .last_rejected
+                    .lock()
+                    .expect("admin lock")
+                    .as_ref()
+                    .is_some_and(|r| r.transient);
+                if matches!(outcome, Ok(Outcome::Rejected(_))) && transient {
+                    let again = tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(TRANSIENT_RETRY).await;
+                        let _ = again.try_send(());
+                    });
+                }
             }
         });
     }

@@ -11,7 +11,7 @@ pub mod outlier;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -86,6 +86,23 @@ impl EndpointState {
     }
 }
 
+/// An endpoint chosen for one attempt.
+pub struct Pick {
+    pub endpoint: Arc<Endpoint>,
+    /// The attempt holds one of the endpoint's half-open probe slots: its outcome decides
+    /// the breaker, and an attempt that ends without one must give the slot back.
+    pub probe: bool,
+}
+
+impl Pick {
+    fn plain(ep: &Arc<Endpoint>) -> Pick {
+        Pick {
+            endpoint: ep.clone(),
+            probe: false,
+        }
+    }
+}
+
 /// The endpoints a cluster knows, and the balancer over those it may use now.
 pub struct Members {
     /// Every endpoint, usable or not.
@@ -122,6 +139,11 @@ pub struct Cluster {
     health_check: Option<HealthCheckConfig>,
     panic_threshold: u32,
     members: ArcSwap<Members>,
+    /// Held while the balancer is rebuilt: rebuilds come from requests, health checks,
+    /// timers and DNS, and one that read older endpoint states must not store after a newer.
+    rebuilding: Mutex<()>,
+    /// A rebuild is queued off the request path and has not started yet.
+    rebuild_queued: AtomicBool,
     weak_self: Weak<Cluster>,
 }
 
@@ -163,6 +185,8 @@ impl Cluster {
                 panic: false,
                 balancer: None,
             }),
+            rebuilding: Mutex::new(()),
+            rebuild_queued: AtomicBool::new(false),
             weak_self: weak_self.clone(),
         });
         if let Some(previous) = previous {
@@ -191,6 +215,13 @@ impl Cluster {
     /// For `strict_dns`, the returned channel fires after the first resolution.
     pub fn start(self: &Arc<Self>) -> Option<tokio::sync::oneshot::Receiver<()>> {
         spawn_reaper(Arc::downgrade(self), self.idle_timeout);
+        // Ejections carried over from the cluster this one replaces end on this cluster's
+        // timers: the old cluster's timers stop with it.
+        for ep in self.members().endpoints.iter() {
+            if let BreakerState::Open(until) = ep.state.breaker.state() {
+                self.spawn_unejection(ep, until);
+            }
+        }
         if let Some(cfg) = &self.health_check {
             health::spawn(Arc::downgrade(self), cfg.clone());
         }
@@ -217,6 +248,7 @@ impl Cluster {
 
     /// Replaces the endpoint list; endpoints whose address remains keep their state.
     pub fn set_endpoints(&self, addrs: Vec<(SocketAddr, u32)>) {
+        let _serial = self.rebuilding.lock().expect("rebuild lock");
         let old = self.members.load();
         let endpoints = addrs
             .into_iter()
@@ -236,7 +268,7 @@ impl Cluster {
         self.rebuild(endpoints);
     }
 
-    /// Rebuilds the balancer over the endpoints usable now.
+    /// Rebuilds the balancer over the endpoints usable now. The caller holds `rebuilding`.
     fn rebuild(&self, endpoints: Vec<Arc<Endpoint>>) {
         let usable: Vec<Arc<Endpoint>> = endpoints
             .iter()
@@ -285,25 +317,88 @@ impl Cluster {
     }
 
     fn rebuild_now(&self) {
+        let _serial = self.rebuilding.lock().expect("rebuild lock");
         let endpoints = self.members.load().endpoints.clone();
         self.rebuild(endpoints);
     }
 
+    /// Rebuilds soon, off the calling task (a ring has up to a million points); many calls
+    /// before it starts make one rebuild, which reads the endpoint states as they are then.
+    /// Until it runs, `pick` already steps around ejected endpoints.
+    fn rebuild_soon(&self) {
+        if self.rebuild_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = self.weak_self.clone();
+        let run = move || {
+            if let Some(cluster) = weak.upgrade() {
+                cluster.rebuild_queued.store(false, Ordering::Release);
+                cluster.rebuild_now();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+    }
+
     /// Picks an endpoint; `hash` is the request's key for `ring_hash`. Prefers endpoints
-    /// not in `avoid` (those a retry already tried), and lets a half-open endpoint take only
-    /// its few probes at a time.
-    pub fn pick(&self, hash: u64, avoid: &[SocketAddr]) -> Option<Arc<Endpoint>> {
+    /// not in `avoid` (those a retry already tried), never picks an ejected one (outside
+    /// panic mode), and lets a half-open endpoint take only its few probes at a time.
+    pub fn pick(&self, hash: u64, avoid: &[SocketAddr]) -> Option<Pick> {
         let members = self.members.load();
         let eps = &members.chosen;
         let balancer = members.balancer.as_ref()?;
         let probes = self.outlier.as_ref().map_or(1, |o| o.half_open_probes);
-        let mut last = None;
-        for attempt in 0..3 {
+        // In panic mode every endpoint is fair game, as in Envoy.
+        let admit = |ep: &Arc<Endpoint>, avoiding: bool| -> Option<Pick> {
+            if avoiding && avoid.contains(&ep.address) {
+                return None;
+            }
+            if members.panic {
+                return Some(Pick::plain(ep));
+            }
+            let breaker = &ep.state.breaker;
+            if breaker.is_open() {
+                return None;
+            }
+            if breaker.is_half_open() {
+                return breaker.try_probe(probes).then(|| Pick {
+                    endpoint: ep.clone(),
+                    probe: true,
+                });
+            }
+            Some(Pick::plain(ep))
+        };
+        if let Balancer::RingHash(ring) = balancer {
+            // Walk the ring from the key's point to the next distinct endpoint that may take
+            // the request: a retry lands on the key's next endpoint, not the same one.
+            let mut seen = vec![false; eps.len()];
+            let mut fallback = None;
+            let mut distinct = 0;
+            for i in ring.walk(hash) {
+                if std::mem::replace(&mut seen[i], true) {
+                    continue;
+                }
+                distinct += 1;
+                if fallback.is_none() && avoid.contains(&eps[i].address) {
+                    fallback = Some(i);
+                }
+                if let Some(p) = admit(&eps[i], true) {
+                    return Some(p);
+                }
+                if distinct == eps.len() {
+                    break;
+                }
+            }
+            // Every endpoint was tried already: go back to the first tried one that may
+            // still take the request.
+            return fallback.and_then(|i| admit(&eps[i], false));
+        }
+        for _ in 0..3 {
             let index = match balancer {
                 Balancer::RoundRobin(s) => s.next(),
                 Balancer::Random(c) => c.pick(),
-                // A retry moves along the ring rather than landing on the same point.
-                Balancer::RingHash(r) => r.pick(hash.wrapping_add(attempt)),
                 Balancer::LeastRequest(c) => {
                     let a = c.pick();
                     let mut b = c.pick();
@@ -320,20 +415,24 @@ impl Cluster {
                         b
                     }
                 }
+                Balancer::RingHash(_) => unreachable!("handled above"),
             };
-            let ep = &eps[index];
-            let last_try = attempt == 2;
-            if avoid.contains(&ep.address) && eps.len() > avoid.len() && !last_try {
-                last = Some(ep);
-                continue;
+            if let Some(p) = admit(&eps[index], true) {
+                return Some(p);
             }
-            if ep.state.breaker.is_half_open() && !ep.state.breaker.try_probe(probes) && !last_try {
-                last = Some(ep);
-                continue;
-            }
-            return Some(ep.clone());
         }
-        last.cloned()
+        // The balancer kept landing on endpoints that cannot take the request (tried, or
+        // ejected or probing and not yet rebuilt out): take the first that can, from a
+        // random start, preferring untried ones.
+        let start = fastrand::usize(..eps.len());
+        let in_turn = || {
+            (0..eps.len())
+                .map(|k| &eps[(start + k) % eps.len()])
+                .filter(|ep| ep.weight > 0)
+        };
+        in_turn()
+            .find_map(|ep| admit(ep, true))
+            .or_else(|| in_turn().find_map(|ep| admit(ep, false)))
     }
 
     /// Feeds one request's outcome to outlier detection.
@@ -374,7 +473,7 @@ impl Cluster {
             why = "health_check",
             "endpoint health changed"
         );
-        self.rebuild_now();
+        self.rebuild_soon();
     }
 
     fn transitioned(&self, ep: &Endpoint, t: Transition) {
@@ -388,26 +487,32 @@ impl Cluster {
         );
         if let BreakerState::Open(until) = t.to {
             self.metrics.ejection(t.reason);
-            let (cluster, state, addr) = (self.weak_self.clone(), ep.state.clone(), ep.address);
-            tokio::spawn(async move {
-                tokio::time::sleep_until(until.into()).await;
-                let Some(cluster) = cluster.upgrade() else {
-                    return;
-                };
-                if let Some(t) = state.breaker.expire(Instant::now()) {
-                    tracing::warn!(
-                        cluster = %cluster.name,
-                        endpoint = %addr,
-                        from = t.from.label(),
-                        to = t.to.label(),
-                        why = t.reason,
-                        "endpoint breaker changed"
-                    );
-                    cluster.rebuild_now();
-                }
-            });
+            self.spawn_unejection(ep, until);
         }
-        self.rebuild_now();
+        self.rebuild_soon();
+    }
+
+    /// Moves `ep` from open to half-open at `until` and rebuilds, while this cluster lives.
+    fn spawn_unejection(&self, ep: &Endpoint, until: Instant) {
+        let (cluster, state, addr) = (self.weak_self.clone(), ep.state.clone(), ep.address);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until.into()).await;
+            let Some(cluster) = cluster.upgrade() else {
+                return;
+            };
+            if let Some(t) = state.breaker.expire(Instant::now()) {
+                tracing::warn!(
+                    cluster = %cluster.name,
+                    endpoint = %addr,
+                    from = t.from.label(),
+                    to = t.to.label(),
+                    why = t.reason,
+                    "endpoint breaker changed"
+                );
+            }
+            // Rebuild even if another cluster sharing this endpoint expired it first.
+            cluster.rebuild_soon();
+        });
     }
 }
 

@@ -34,6 +34,10 @@ pub enum ProxyError {
     },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The client went away before the response (e.g. mid-upload): no one to answer, and
+    /// nothing the upstream did.
+    #[error("the client went away before the response")]
+    DownstreamDisconnect,
 }
 
 impl ProxyError {
@@ -47,6 +51,8 @@ impl ProxyError {
             ProxyError::Overflow { .. } | ProxyError::Upstream(UpstreamError::Overflow(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overflow")
             }
+            // The request could not be sent as it was: the client's or remora's doing.
+            ProxyError::Upstream(e) if e.is_local() => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::Upstream(e) if e.is_connect_failure() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "upstream_connect_failure")
             }
@@ -55,6 +61,7 @@ impl ProxyError {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
             }
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::DownstreamDisconnect => (StatusCode::BAD_REQUEST, "downstream_disconnect"),
         }
     }
 
@@ -124,6 +131,11 @@ mod tests {
                 "upstream_timeout",
             ),
             (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (
+                ProxyError::DownstreamDisconnect,
+                400,
+                "downstream_disconnect",
+            ),
             (
                 ProxyError::PerTryTimeout(Duration::from_secs(1)),
                 504,

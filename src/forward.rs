@@ -8,6 +8,7 @@ use http::{request, Request, Response, StatusCode, Uri, Version};
 
 use crate::body::Body;
 use crate::config::raw::UpstreamProtocol;
+use crate::error::ProxyError;
 use crate::router::{HeaderOp, PathMatch, Route};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -15,11 +16,19 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 /// Generated when absent, passed through when present.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Whether a request asks to switch protocols (WebSocket) over HTTP/1.1.
-pub fn is_upgrade(parts: &request::Parts) -> bool {
-    parts.version == Version::HTTP_11
-        && parts.headers.contains_key(header::UPGRADE)
-        && connection_tokens(&parts.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+/// The protocol an HTTP/1.1 request asks to switch to (`websocket`, `h2c`, ...), if any: the
+/// first token of `Upgrade`, when `Connection` names `upgrade`.
+pub fn requested_upgrade(parts: &request::Parts) -> Option<&str> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let first = parts.headers.get(header::UPGRADE)?.to_str().ok()?;
+    let protocol = first.split(',').next()?.trim();
+    // `websocket/13` and the like: the protocol name without its version.
+    let name = protocol.split('/').next()?.trim();
+    (!name.is_empty()
+        && connection_tokens(&parts.headers).any(|t| t.eq_ignore_ascii_case("upgrade")))
+    .then_some(name)
 }
 
 /// The comma-separated tokens of every `Connection` header, trimmed.
@@ -33,8 +42,9 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 /// The hop-by-hop headers that never cross the proxy (RFC 9110 §7.6.1), besides any named in
-/// `Connection`. `te` is among them but may stay as `te: trailers`.
-const HOP_BY_HOP: [&str; 7] = [
+/// `Connection`. `te` is among them but may stay as `te: trailers`. `http2-settings` belongs
+/// to the h2c upgrade (RFC 7540 §3.2), which is never passed on.
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -42,6 +52,7 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
     "upgrade",
     "te",
+    "http2-settings",
 ];
 
 /// Removes hop-by-hop headers: the standard ones and any named in `Connection`. `te` stays
@@ -139,14 +150,17 @@ pub struct Downstream<'a> {
     pub upgrade: bool,
 }
 
-/// Turns the client's request into the one sent upstream.
+/// Turns the client's request into the one sent upstream. An upgrade the route does not
+/// allow (`down.upgrade` false) loses its `Upgrade` and `Connection` headers and goes as a
+/// plain request. A request whose rewritten target is not a valid URI is a 400, never sent
+/// somewhere else.
 pub fn upstream_request(
     mut parts: request::Parts,
     body: Body,
     route: &Route,
     down: &Downstream<'_>,
     protocol: UpstreamProtocol,
-) -> Request<Body> {
+) -> Result<Request<Body>, ProxyError> {
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, down.upgrade);
 
@@ -199,7 +213,8 @@ pub fn upstream_request(
             // absolute-form URI's authority overrides Host, RFC 9112 §3.2.2.)
             let origin_form = parts.uri.authority().is_none();
             if rewritten.is_some() || !origin_form {
-                parts.uri = Uri::try_from(path_and_query).unwrap_or_else(|_| Uri::from_static("/"));
+                parts.uri = Uri::try_from(path_and_query)
+                    .map_err(|_| ProxyError::BadRequest("the rewritten path is not a valid URI"))?;
             }
             let host_as_sent = route.host_rewrite.is_none()
                 && origin_form
@@ -218,10 +233,10 @@ pub fn upstream_request(
                 .authority(authority)
                 .path_and_query(path_and_query)
                 .build()
-                .unwrap_or_else(|_| Uri::from_static("/"));
+                .map_err(|_| ProxyError::BadRequest("no valid upstream URI for this request"))?;
         }
     }
-    Request::from_parts(parts, body)
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Turns the upstream's response into the one sent to the client.

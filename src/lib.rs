@@ -17,5 +17,6 @@ pub mod reloader;
 pub mod retry;
 pub mod router;
 pub mod snapshot;
+pub mod tunnel;
 pub mod upstream;
 pub mod workers;

@@ -1,20 +1,23 @@
 //! Listeners: bind, accept within the connection limit, and hand each connection to
 //! [`connection::serve`]. A reload may change a listener's settings in place (new
-//! connections get them; open ones finish on theirs) or drain it.
+//! connections get them; open ones keep their connection limits and serve their next
+//! requests with the new routing) or drain it.
 
 mod connection;
+mod limit;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use self::connection::InFlight;
+pub use self::connection::{ConnectionHold, InFlight};
+pub use self::limit::{ConnectionLimit, ConnectionPermit};
 use crate::access_log::AccessLog;
 use crate::proxy::ListenerContext;
 use crate::snapshot::{ListenerSettings, SnapshotStore};
@@ -27,15 +30,25 @@ pub struct Prepared {
     local_addr: SocketAddr,
 }
 
+/// Where a listener's connections are in its life; they watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    /// Finish what is in progress, then close (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY).
+    Draining,
+    /// The drain timeout passed: close now, upgraded tunnels included.
+    Closing,
+}
+
 /// A listener that is accepting.
 pub struct Listener {
     pub local_addr: SocketAddr,
-    ctx: watch::Sender<Arc<ListenerContext>>,
+    /// The settings new connections get and every request reads.
+    ctx: Arc<ArcSwap<ListenerContext>>,
     stop_accepting: watch::Sender<bool>,
-    drain: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     accept_task: JoinHandle<()>,
-    connections: Arc<Semaphore>,
-    max_connections: Arc<AtomicUsize>,
+    connections: Arc<ConnectionLimit>,
 }
 
 /// Binds `settings.address` and opens the access log.
@@ -94,94 +107,101 @@ impl Prepared {
     pub fn start(self) -> Listener {
         let settings = &self.ctx.settings;
         tracing::info!(listener = %settings.name, address = %self.local_addr, "listening");
-        let max = settings.max_connections;
-        let (ctx, ctx_rx) = watch::channel(self.ctx);
+        let connections = Arc::new(ConnectionLimit::new(settings.max_connections));
+        let ctx = Arc::new(ArcSwap::new(self.ctx));
         let (stop_accepting, stop_rx) = watch::channel(false);
-        let (drain, drain_rx) = watch::channel(false);
-        let connections = Arc::new(Semaphore::new(max));
+        let (phase, phase_rx) = watch::channel(Phase::Serving);
         let accept_task = tokio::spawn(accept_loop(
             self.socket,
-            ctx_rx,
+            ctx.clone(),
             connections.clone(),
             stop_rx,
-            drain_rx,
+            phase_rx,
         ));
         Listener {
             local_addr: self.local_addr,
             ctx,
             stop_accepting,
-            drain,
+            phase,
             accept_task,
             connections,
-            max_connections: Arc::new(AtomicUsize::new(max)),
         }
     }
 }
 
 impl Listener {
     pub fn settings(&self) -> ListenerSettings {
-        self.ctx.borrow().settings.clone()
+        self.ctx.load().settings.clone()
     }
 
     /// Applies new settings for the same address: connections accepted from now on use
-    /// them; open connections finish on the ones they started with.
+    /// them, requests on open connections route by them, and a lower `max_connections`
+    /// holds new connections back until enough open ones have closed.
     pub fn update(&self, settings: ListenerSettings, store: Arc<SnapshotStore>) -> io::Result<()> {
-        let new_max = settings.max_connections;
-        let ctx = context(settings, store, Some(&self.ctx.borrow()))?;
-        let old_max = self.max_connections.swap(new_max, Ordering::Relaxed);
-        if new_max > old_max {
-            self.connections.add_permits(new_max - old_max);
-        } else {
-            self.connections.forget_permits(old_max - new_max);
-        }
-        self.ctx.send_replace(ctx);
+        let max = settings.max_connections;
+        let ctx = context(settings, store, Some(&self.ctx.load()))?;
+        self.connections.set_max(max);
+        self.ctx.store(ctx);
         Ok(())
     }
 
     /// Stops accepting (new connections are refused), asks every open connection to finish
     /// (HTTP/1.1 `Connection: close` after the response in progress, HTTP/2 GOAWAY), and
-    /// waits up to `timeout` for them to close. Returns how many were still open then.
+    /// waits up to `timeout` for them to close, upgraded tunnels included; then closes
+    /// whatever is left. Returns how many were still open at the timeout.
     pub async fn drain(self, timeout: Duration) -> usize {
         let _ = self.stop_accepting.send(true);
         let _ = self.accept_task.await;
-        let _ = self.drain.send(true);
-        let max = self.max_connections.load(Ordering::Relaxed);
-        let all = self.connections.acquire_many(max as u32);
-        match tokio::time::timeout(timeout, all).await {
-            Ok(_) => 0,
-            Err(_) => max.saturating_sub(self.connections.available_permits()),
+        let _ = self.phase.send(Phase::Draining);
+        if tokio::time::timeout(timeout, self.connections.all_closed())
+            .await
+            .is_ok()
+        {
+            return 0;
         }
+        let left = self.connections.active();
+        let _ = self.phase.send(Phase::Closing);
+        // Give the closing connections a moment to go, so that the count they free is real.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.connections.all_closed()).await;
+        left
     }
 }
 
 async fn accept_loop(
     socket: TcpListener,
-    ctx: watch::Receiver<Arc<ListenerContext>>,
-    connections: Arc<Semaphore>,
+    ctx: Arc<ArcSwap<ListenerContext>>,
+    connections: Arc<ConnectionLimit>,
     mut stop: watch::Receiver<bool>,
-    drain: watch::Receiver<bool>,
+    phase: watch::Receiver<Phase>,
 ) {
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
             accepted = socket.accept() => accepted,
         };
-        let ctx = ctx.borrow().clone();
-        let metrics = &ctx.settings.metrics;
+        let current = ctx.load_full();
+        let metrics = &current.settings.metrics;
         match accepted {
             Ok((stream, peer)) => {
-                let Ok(permit) = connections.clone().try_acquire_owned() else {
+                let Some(permit) = connections.try_acquire() else {
                     metrics.connections_overflow.inc();
-                    tracing::debug!(listener = %ctx.settings.name, %peer, "max_connections reached; closing");
+                    tracing::debug!(listener = %current.settings.name, %peer, "max_connections reached; closing");
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
                 metrics.connections_total.inc();
-                tokio::spawn(connection::serve(ctx, stream, peer, permit, drain.clone()));
+                tokio::spawn(connection::serve(
+                    ctx.clone(),
+                    current,
+                    stream,
+                    peer,
+                    permit,
+                    phase.clone(),
+                ));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(listener = %ctx.settings.name, %error, "accept failed");
+                tracing::warn!(listener = %current.settings.name, %error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -11,11 +11,16 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// `code_class` label values. `0`: no response was sent, because the client went away
+/// first (Envoy's response code 0, "downstream disconnect").
+const CODE_CLASSES: [&str; 6] = ["0", "1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Index of a status code's class in [`CODE_CLASSES`].
 fn class_index(status: u16) -> usize {
-    (usize::from(status / 100)).clamp(1, 5) - 1
+    if status == 0 {
+        return 0;
+    }
+    (usize::from(status / 100)).clamp(1, 5)
 }
 
 /// Every metric remora exports. See the README for what each one means.
@@ -253,7 +258,7 @@ impl Default for Metrics {
 /// A listener's handles.
 #[derive(Clone)]
 pub struct ListenerMetrics {
-    requests: [IntCounter; 5],
+    requests: [IntCounter; 6],
     pub duration: Histogram,
     pub connections_active: IntGauge,
     pub connections_total: IntCounter,
@@ -282,7 +287,7 @@ pub const ENDPOINT_STATES: [&str; 4] = ["healthy", "unhealthy", "ejected", "half
 /// A cluster's handles. Rare events resolve their labels when they happen.
 #[derive(Clone)]
 pub struct ClusterMetrics {
-    requests: [IntCounter; 5],
+    requests: [IntCounter; 6],
     pub duration: Histogram,
     pub connections_active: IntGauge,
     pub connect_failures: IntCounter,

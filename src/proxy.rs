@@ -4,31 +4,31 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::access_log::{self, AccessLog, Entry};
 use crate::body::{self, Body, BoxError};
 use crate::cluster::balance::hash_bytes;
 use crate::cluster::breaker::{Permit, Resource};
 use crate::cluster::outlier::Observation;
-use crate::cluster::{Cluster, Endpoint};
+use crate::cluster::{Cluster, Endpoint, Pick};
 use crate::config::raw::LbPolicy;
 use crate::error::ProxyError;
 use crate::forward::{self, Client, Downstream};
-use crate::listener::InFlight;
+use crate::listener::{ConnectionHold, InFlight};
 use crate::retry::{Failure, Replay};
 use crate::router::{Action, Route};
 use crate::snapshot::{ListenerSettings, SnapshotStore};
+use crate::tunnel;
 use crate::upstream::{self, UpstreamError};
 
 /// What every request on one listener shares.
@@ -53,6 +53,10 @@ pub async fn handle(
             tracing::debug!(listener = %ctx.settings.name, error = %err, "local reply");
             ctx.settings.metrics.local_reply(marker);
             record.error = Some(marker);
+            if matches!(err, ProxyError::DownstreamDisconnect) {
+                // Nobody is left to answer: the record keeps status 0, as Envoy's does.
+                return Ok(err.to_response());
+            }
             err.to_response()
         }
     };
@@ -75,15 +79,14 @@ async fn proxy(
     // 1. One snapshot for the whole request, whatever reloads happen meanwhile.
     let snapshot = ctx.store.load();
     let routes = snapshot
-        .routes(&ctx.settings.name)
+        .routes(&ctx.settings.route_config)
         .ok_or(ProxyError::NoRoute)?;
 
     // 2. Route.
     let (mut parts, body) = req.into_parts();
     // Cheap clones (shared bytes) so the authority can outlive `parts` being handed on.
     let (uri, host) = (parts.uri.clone(), parts.headers.get(header::HOST).cloned());
-    let authority = authority(&uri, host.as_ref(), parts.version)
-        .ok_or(ProxyError::BadRequest("missing Host header"))?;
+    let authority = authority(&uri, host.as_ref(), parts.version)?;
     let (_, route) = routes
         .find(authority, &parts.method, parts.uri.path(), &parts.headers)
         .ok_or(ProxyError::NoRoute)?;
@@ -109,8 +112,7 @@ async fn proxy(
 
     // 4. Pick an endpoint and send (retrying per the route's policy), within the route's
     //    timeout, which covers every attempt and the backoff between them.
-    let hash = request_hash(cluster, &parts, client.addr);
-    let upgrade = forward::is_upgrade(&parts);
+    let upgrade = forward::requested_upgrade(&parts).is_some_and(|t| route.allows_upgrade(t));
     let on_client_upgrade = if upgrade {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
     } else {
@@ -122,8 +124,15 @@ async fn proxy(
         authority,
         upgrade,
     };
-    let upstream_req =
-        forward::upstream_request(parts, body::incoming(body), route, &down, cluster.protocol);
+    // A body the client may abandon halfway is watched, so that its failure is not blamed on
+    // the upstream.
+    let (body, client_gone) = if body.is_end_stream() {
+        (body::incoming(body), None)
+    } else {
+        let (body, gone) = body::watch_client(body);
+        (body, Some(gone))
+    };
+    let upstream_req = forward::upstream_request(parts, body, route, &down, cluster.protocol)?;
     if ctx.access_log.is_some() {
         record.request_id = upstream_req
             .headers()
@@ -131,41 +140,65 @@ async fn proxy(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
     }
-    let exchange = async {
-        match on_client_upgrade {
-            Some(client_io) => {
-                let endpoint = pick(cluster, hash, &[], record)?;
-                Ok(upgrade_exchange(cluster, &endpoint, upstream_req, client_io).await?)
-            }
-            None => send_with_retries(cluster, route, upstream_req, hash, record).await,
-        }
+    let target = Target {
+        cluster,
+        hash: request_hash(cluster, upstream_req.headers(), client.addr),
+        deadline: route
+            .timeout
+            .map(|limit| (tokio::time::Instant::now() + limit, limit)),
+        client_gone,
     };
-    let resp = match route.timeout {
-        Some(limit) => tokio::time::timeout(limit, exchange)
-            .await
-            .map_err(|_| ProxyError::Timeout(limit))??,
-        None => exchange.await?,
+    let resp = match on_client_upgrade {
+        Some(client_io) => {
+            let tunnel = tunnel::Limits {
+                idle_timeout: ctx.settings.idle_timeout,
+                connection: record.connection(),
+            };
+            let handshake = upgrade_exchange(&target, upstream_req, client_io, tunnel, record);
+            match target.deadline {
+                Some((at, limit)) => tokio::time::timeout_at(at, handshake)
+                    .await
+                    .map_err(|_| ProxyError::Timeout(limit))??,
+                None => handshake.await?,
+            }
+        }
+        None => send_with_retries(&target, route, upstream_req, record).await?,
     };
 
     // 5. Answer.
     Ok(forward::downstream_response(resp, route))
 }
 
-/// Picks an endpoint, preferring ones not in `avoid`, and notes it on the record.
-fn pick(
-    cluster: &Cluster,
+/// What every attempt of one request needs.
+struct Target<'a> {
+    cluster: &'a Cluster,
+    /// The `ring_hash` key.
     hash: u64,
-    avoid: &[SocketAddr],
-    record: &mut Record,
-) -> Result<Arc<Endpoint>, ProxyError> {
-    let endpoint = cluster
-        .pick(hash, avoid)
-        .ok_or_else(|| ProxyError::NoHealthyUpstream {
-            cluster: cluster.name.clone(),
-        })?;
-    record.upstream = Some(endpoint.address);
-    record.track(endpoint.clone());
-    Ok(endpoint)
+    /// When the route timeout runs out, and its length (for the error).
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    /// Set when the client's request body broke off: the client went away mid-upload.
+    client_gone: Option<Arc<AtomicBool>>,
+}
+
+impl Target<'_> {
+    fn client_gone(&self) -> bool {
+        self.client_gone
+            .as_ref()
+            .is_some_and(|g| g.load(Ordering::Acquire))
+    }
+
+    /// Picks an endpoint, preferring ones not in `avoid`, and notes it on the record.
+    fn pick(&self, avoid: &[SocketAddr], record: &mut Record) -> Result<Pick, ProxyError> {
+        let pick =
+            self.cluster
+                .pick(self.hash, avoid)
+                .ok_or_else(|| ProxyError::NoHealthyUpstream {
+                    cluster: self.cluster.name.clone(),
+                })?;
+        record.upstream = Some(pick.endpoint.address);
+        record.track(pick.endpoint.clone());
+        Ok(pick)
+    }
 }
 
 /// Sends the request; with a retry policy, sends it again to another endpoint when the
@@ -173,16 +206,16 @@ fn pick(
 /// all allow, after a jittered backoff. When a retry is not allowed, the last answer (or
 /// error) goes back to the client.
 async fn send_with_retries(
-    cluster: &Cluster,
+    target: &Target<'_>,
     route: &Route,
     req: Request<Body>,
-    hash: u64,
     record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
+    let cluster = target.cluster;
     cluster.retry_budget.deposit();
     let Some(policy) = &route.retry_policy else {
-        let endpoint = pick(cluster, hash, &[], record)?;
-        return attempt(cluster, &endpoint, req, None).await;
+        let pick = target.pick(&[], record)?;
+        return attempt(target, pick, req, None).await;
     };
     let (parts, body) = req.into_parts();
     let replay = Replay::new(body, policy.replay_limit);
@@ -190,10 +223,10 @@ async fn send_with_retries(
     let mut _retry_permit = None;
     let mut retry = 0;
     loop {
-        let endpoint = pick(cluster, hash, &tried, record)?;
-        tried.push(endpoint.address);
+        let pick = target.pick(&tried, record)?;
+        tried.push(pick.endpoint.address);
         let req = again(&parts, replay.body(), retry + 1);
-        let result = attempt(cluster, &endpoint, req, policy.per_try_timeout).await;
+        let result = attempt(target, pick, req, policy.per_try_timeout).await;
         let failure = match &result {
             Ok(resp) => Failure::of_response(resp.status(), resp.headers()),
             Err(e) => failure_of(e),
@@ -213,14 +246,21 @@ async fn send_with_retries(
             return result;
         }
         let Some(permit) = cluster.breakers.try_acquire(Resource::Retries) else {
-            cluster.metrics.budget_exhausted.inc();
             cluster.metrics.overflow(Resource::Retries.label());
             return result;
         };
         _retry_permit = Some(permit);
         cluster.metrics.retry(reason);
         drop(result);
-        tokio::time::sleep(policy.backoff(retry)).await;
+        // The backoff counts against the route timeout like the attempts do.
+        let wake = tokio::time::Instant::now() + policy.backoff(retry);
+        match target.deadline {
+            Some((at, limit)) if at <= wake => {
+                tokio::time::sleep_until(at).await;
+                return Err(ProxyError::Timeout(limit));
+            }
+            _ => tokio::time::sleep_until(wake).await,
+        }
         retry += 1;
     }
 }
@@ -240,19 +280,35 @@ fn again(parts: &http::request::Parts, body: Body, attempt: u32) -> Request<Body
 /// Header telling the upstream which attempt this is (with a retry policy).
 static ATTEMPT_COUNT: http::HeaderName = http::HeaderName::from_static("x-remora-attempt-count");
 
-/// One attempt at one endpoint, its outcome recorded for metrics and outlier detection.
+/// One attempt at one endpoint, within the per-try timeout and what is left of the route
+/// timeout. Its outcome is recorded for metrics and outlier detection, sorted by who caused
+/// it: only the upstream's failures count against the upstream.
 async fn attempt(
-    cluster: &Cluster,
-    endpoint: &Arc<Endpoint>,
+    target: &Target<'_>,
+    pick: Pick,
     req: Request<Body>,
-    per_try_timeout: Option<std::time::Duration>,
+    per_try_timeout: Option<Duration>,
 ) -> Result<Response<Body>, ProxyError> {
+    let cluster = target.cluster;
+    let mut outcome = OutcomeGuard {
+        cluster,
+        pick,
+        recorded: false,
+    };
     let sent = Instant::now();
-    let send = upstream::send(cluster, endpoint, req);
-    let result = match per_try_timeout {
-        Some(limit) => match tokio::time::timeout(limit, send).await {
+    let per_try = per_try_timeout.map(|limit| (tokio::time::Instant::now() + limit, limit));
+    // Whichever runs out first ends the attempt, with its own error.
+    let limit = match (per_try, target.deadline) {
+        (Some(p), Some(r)) if r.0 < p.0 => Some((r.0, ProxyError::Timeout(r.1))),
+        (Some(p), _) => Some((p.0, ProxyError::PerTryTimeout(p.1))),
+        (None, Some(r)) => Some((r.0, ProxyError::Timeout(r.1))),
+        (None, None) => None,
+    };
+    let send = upstream::send(cluster, &outcome.pick.endpoint, req);
+    let result = match limit {
+        Some((at, on_timeout)) => match tokio::time::timeout_at(at, send).await {
             Ok(r) => r.map_err(ProxyError::from),
-            Err(_) => Err(ProxyError::PerTryTimeout(limit)),
+            Err(_) => Err(on_timeout),
         },
         None => send.await.map_err(ProxyError::from),
     };
@@ -262,53 +318,79 @@ async fn attempt(
             cluster
                 .metrics
                 .response(status, sent.elapsed().as_secs_f64());
-            cluster.observe(endpoint, Observation::Status(status));
+            outcome.observe(Observation::Status(status));
         }
+        // The client went away mid-upload: its doing, not the upstream's.
+        Err(_) if target.client_gone() => return Err(ProxyError::DownstreamDisconnect),
+        // Refused by remora's own breaker, or a request remora could not send as it was:
+        // the upstream never saw it.
         Err(ProxyError::Upstream(UpstreamError::Overflow(_))) => {}
+        Err(ProxyError::Upstream(e)) if e.is_local() => {}
         Err(ProxyError::Upstream(e)) if e.is_connect_failure() => {
-            cluster.observe(endpoint, Observation::ConnectFailure)
+            outcome.observe(Observation::ConnectFailure)
         }
-        Err(_) => cluster.observe(endpoint, Observation::NoResponse),
+        Err(_) => outcome.observe(Observation::NoResponse),
     }
     result
+}
+
+/// Records an attempt's outcome once; an attempt dropped before it has one (the client went
+/// away) records nothing against the endpoint, but gives back its half-open probe slot.
+struct OutcomeGuard<'a> {
+    cluster: &'a Cluster,
+    pick: Pick,
+    recorded: bool,
+}
+
+impl OutcomeGuard<'_> {
+    fn observe(&mut self, obs: Observation) {
+        self.recorded = true;
+        self.cluster.observe(&self.pick.endpoint, obs);
+    }
+}
+
+impl Drop for OutcomeGuard<'_> {
+    fn drop(&mut self) {
+        if !self.recorded && self.pick.probe {
+            self.pick.endpoint.state.breaker.release_probe();
+        }
+    }
 }
 
 fn failure_of(e: &ProxyError) -> Option<Failure> {
     match e {
         ProxyError::Upstream(UpstreamError::Overflow(_)) => None,
+        ProxyError::Upstream(u) if u.is_local() => None,
         ProxyError::Upstream(u) if u.is_connect_failure() => Some(Failure::ConnectFailure),
-        ProxyError::Upstream(u) if u.is_refused_stream() => Some(Failure::RefusedStream),
+        ProxyError::Upstream(u) if u.is_unprocessed() => Some(Failure::RefusedStream),
         ProxyError::Upstream(_) => Some(Failure::Reset),
         ProxyError::PerTryTimeout(_) => Some(Failure::Timeout),
         _ => None,
     }
 }
 
-/// Sends an upgrade request on its own connection; on `101` splices the two upgraded
-/// connections together in a task of their own.
+/// Sends an upgrade request on its own connection; on `101` hands the two upgraded
+/// connections to a tunnel that holds both connections' slots until it closes.
 async fn upgrade_exchange(
-    cluster: &Cluster,
-    endpoint: &Endpoint,
+    target: &Target<'_>,
     req: Request<Body>,
     client_io: hyper::upgrade::OnUpgrade,
-) -> Result<Response<Body>, upstream::UpstreamError> {
-    let mut resp = upstream::send_upgrade(cluster, endpoint, req).await?;
+    limits: tunnel::Limits,
+    record: &mut Record,
+) -> Result<Response<Body>, ProxyError> {
+    let pick = target.pick(&[], record)?;
+    let (mut resp, upstream_slot) = upstream::send_upgrade(target.cluster, &pick.endpoint, req)
+        .await
+        .map_err(ProxyError::from)?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_io = hyper::upgrade::on(&mut resp);
-        let addr = endpoint.address;
-        tokio::spawn(async move {
-            let (client_io, upstream_io) = match tokio::try_join!(client_io, upstream_io) {
-                Ok(both) => both,
-                Err(error) => {
-                    tracing::debug!(%addr, %error, "upgrade did not complete");
-                    return;
-                }
-            };
-            let (mut a, mut b) = (TokioIo::new(client_io), TokioIo::new(upstream_io));
-            if let Err(error) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-                tracing::debug!(%addr, %error, "upgraded connection ended");
-            }
-        });
+        tunnel::spawn(
+            client_io,
+            upstream_io,
+            upstream_slot,
+            limits,
+            pick.endpoint.address,
+        );
     }
     Ok(resp.map(body::incoming))
 }
@@ -319,33 +401,34 @@ fn direct(route: &Route, status: StatusCode, data: Bytes) -> Response<Body> {
     forward::direct_response(resp, route)
 }
 
-/// The request's authority: `:authority` (HTTP/2, absolute-form) or `Host`.
+/// The request's authority: `:authority` (HTTP/2, absolute-form) or `Host`, which must be
+/// a valid authority (RFC 9110 §7.2): anything else is the client's error, a 400.
 fn authority<'a>(
     uri: &'a http::Uri,
     host: Option<&'a http::HeaderValue>,
     version: http::Version,
-) -> Option<&'a str> {
+) -> Result<&'a str, ProxyError> {
     if let Some(a) = uri.authority() {
-        return Some(a.as_str());
+        return Ok(a.as_str());
     }
     match host {
-        Some(h) => h.to_str().ok(),
+        Some(h) => h
+            .to_str()
+            .ok()
+            .filter(|h| http::uri::Authority::try_from(*h).is_ok())
+            .ok_or(ProxyError::BadRequest("invalid Host header")),
         // HTTP/1.0 may omit Host; it can still match a `*` virtual host.
-        None if version < http::Version::HTTP_11 => Some(""),
-        None => None,
+        None if version < http::Version::HTTP_11 => Ok(""),
+        None => Err(ProxyError::BadRequest("missing Host header")),
     }
 }
 
 /// The `ring_hash` key: the configured header's value, else the client's IP.
-fn request_hash(cluster: &Cluster, parts: &http::request::Parts, client: SocketAddr) -> u64 {
+fn request_hash(cluster: &Cluster, headers: &http::HeaderMap, client: SocketAddr) -> u64 {
     if cluster.lb_policy != LbPolicy::RingHash {
         return 0;
     }
-    if let Some(v) = cluster
-        .hash_header
-        .as_ref()
-        .and_then(|h| parts.headers.get(h))
-    {
+    if let Some(v) = cluster.hash_header.as_ref().and_then(|h| headers.get(h)) {
         return hash_bytes(v.as_bytes());
     }
     match client.ip() {
@@ -373,7 +456,7 @@ struct Record {
     endpoint: Option<Arc<Endpoint>>,
     /// The cluster's request breaker slot, held until the response is done.
     request_permit: Option<Permit>,
-    _in_flight: InFlight,
+    in_flight: InFlight,
 }
 
 impl Record {
@@ -405,8 +488,14 @@ impl Record {
             error: None,
             endpoint: None,
             request_permit: None,
-            _in_flight: in_flight,
+            in_flight,
         }
+    }
+
+    /// Keeps the client connection counted (its listener slot) while an upgraded tunnel that
+    /// outlives this request uses it.
+    fn connection(&self) -> ConnectionHold {
+        self.in_flight.hold_connection()
     }
 
     /// Counts the request as in flight on `endpoint` (instead of the one an earlier attempt
@@ -427,6 +516,10 @@ impl Record {
 
 impl Drop for Record {
     fn drop(&mut self) {
+        if self.status == 0 {
+            // Dropped before any response: the client went away.
+            self.error.get_or_insert("downstream_disconnect");
+        }
         if let Some(ep) = &self.endpoint {
             ep.state.active_requests.fetch_sub(1, Ordering::Relaxed);
         }

@@ -63,6 +63,9 @@ pub struct Rejection {
     pub source: &'static str,
     pub hash: String,
     pub errors: Vec<String>,
+    /// The config itself was fine; applying it failed for a reason that may pass (an
+    /// address in use, a log file that cannot be opened yet), so the same file is retried.
+    pub transient: bool,
 }
 
 pub(crate) enum Command {
@@ -127,7 +130,7 @@ impl Reloader {
                     Ok(t) => (t, path.display().to_string()),
                     Err(e) => {
                         let error = format!("{}: cannot read config file: {e}", path.display());
-                        return self.reject(trigger, String::new(), vec![error]);
+                        return self.reject(trigger, String::new(), vec![error], true);
                     }
                 },
             },
@@ -138,23 +141,35 @@ impl Reloader {
             tracing::debug!(source = trigger.label(), "config unchanged; not reloading");
             return Outcome::Unchanged;
         }
-        let raw = match config::parse(&text, &name) {
-            Ok(raw) => raw,
-            Err(errors) => {
-                let lines = errors.0.iter().map(|e| e.to_string()).collect();
-                return self.reject(trigger, hash, lines);
+        // Parse, validate and compile cannot take the reloader down: a panic there (a bug)
+        // rejects this config and leaves the running one, and the reloader, in place.
+        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let raw = config::parse(&text, &name)
+                .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+            let restart = needs_restart(&current, &raw, &text, &name);
+            if !restart.is_empty() {
+                return Err(restart);
+            }
+            let origin = Origin {
+                version: current.version + 1,
+                source: name,
+                hash: hash.clone(),
+            };
+            Ok(compile(raw, origin, &self.metrics, Some(&current)))
+        }));
+        let next = match prepared {
+            Ok(Ok(next)) => next,
+            Ok(Err(errors)) => return self.reject(trigger, hash, errors, false),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let error = format!("internal error while loading the config (a bug): {what}");
+                return self.reject(trigger, hash, vec![error], false);
             }
         };
-        let restart = needs_restart(&current, &raw, &text, &name);
-        if !restart.is_empty() {
-            return self.reject(trigger, hash, restart);
-        }
-        let origin = Origin {
-            version: current.version + 1,
-            source: name,
-            hash: hash.clone(),
-        };
-        let next = compile(raw, origin, &self.metrics, Some(&current));
         match self.swap(next).await {
             Ok(version) => {
                 self.metrics
@@ -168,7 +183,7 @@ impl Reloader {
                 tracing::info!(source = trigger.label(), version, %hash, "config reloaded");
                 Outcome::Applied { version }
             }
-            Err(errors) => self.reject(trigger, hash, errors),
+            Err(errors) => self.reject(trigger, hash, errors, true),
         }
     }
 
@@ -271,7 +286,13 @@ impl Reloader {
         Ok(version)
     }
 
-    fn reject(&self, trigger: Trigger, hash: String, errors: Vec<String>) -> Outcome {
+    fn reject(
+        &self,
+        trigger: Trigger,
+        hash: String,
+        errors: Vec<String>,
+        transient: bool,
+    ) -> Outcome {
         for e in &errors {
             tracing::error!(source = trigger.label(), error = %e, "config rejected; keeping the running one");
         }
@@ -284,6 +305,7 @@ impl Reloader {
             source: trigger.label(),
             hash,
             errors: errors.clone(),
+            transient,
         });
         Outcome::Rejected(errors)
     }

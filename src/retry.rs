@@ -194,6 +194,9 @@ pub fn is_idempotent(method: &Method) -> bool {
 
 /// Keeps a copy of a request body, up to a limit, so another attempt can send it again.
 /// Attempts run one after another; each reads the copy first, then the rest of the source.
+/// Once a newer attempt's body exists, an older one fails when polled: an abandoned attempt
+/// (its connection may still be uploading after an early answer) must not take frames of
+/// the source away from the attempt that replaced it.
 #[derive(Clone)]
 pub struct Replay {
     shared: Arc<Mutex<Shared>>,
@@ -210,6 +213,8 @@ struct Shared {
     /// The source has ended.
     done: bool,
     size_hint: SizeHint,
+    /// The newest attempt's number; only its body may read on.
+    attempt: u64,
 }
 
 impl Replay {
@@ -226,6 +231,7 @@ impl Replay {
                 overflow: false,
                 done,
                 size_hint,
+                attempt: 0,
             })),
         }
     }
@@ -235,12 +241,18 @@ impl Replay {
         !self.shared.lock().expect("replay lock").overflow
     }
 
-    /// A body for the next attempt.
+    /// A body for the next attempt; every earlier attempt's body stops.
     pub fn body(&self) -> Body {
+        let attempt = {
+            let mut s = self.shared.lock().expect("replay lock");
+            s.attempt += 1;
+            s.attempt
+        };
         ReplayBody {
             shared: self.shared.clone(),
             next: 0,
             trailers_sent: false,
+            attempt,
         }
         .boxed_unsync()
     }
@@ -250,6 +262,7 @@ struct ReplayBody {
     shared: Arc<Mutex<Shared>>,
     next: usize,
     trailers_sent: bool,
+    attempt: u64,
 }
 
 impl HttpBody for ReplayBody {
@@ -262,6 +275,11 @@ impl HttpBody for ReplayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let mut s = this.shared.lock().expect("replay lock");
+        if s.attempt != this.attempt {
+            return Poll::Ready(Some(Err(
+                "request body superseded by a newer attempt".into()
+            )));
+        }
         if this.next < s.frames.len() {
             this.next += 1;
             return Poll::Ready(Some(Ok(Frame::data(s.frames[this.next - 1].clone()))));
@@ -403,5 +421,32 @@ mod tests {
         let first = big.body().collect().await.unwrap().to_bytes();
         assert_eq!(first.len(), 100, "streams through once");
         assert!(!big.can_replay());
+    }
+
+    #[tokio::test]
+    async fn an_older_attempts_body_stops_once_a_newer_one_exists() {
+        // A source that is still uploading: one frame now, the rest later.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"part1"))))
+            .await
+            .unwrap();
+        let source =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .boxed_unsync();
+        let replay = Replay::new(source, 1024);
+        let mut old = replay.body();
+        let first = old.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "part1");
+        let mut new = replay.body();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"part2"))))
+            .await
+            .unwrap();
+        drop(tx);
+        assert!(
+            old.frame().await.unwrap().is_err(),
+            "the old attempt must not read part2"
+        );
+        let all = (&mut new).collect().await.unwrap().to_bytes();
+        assert_eq!(all, "part1part2", "the new attempt gets every frame");
     }
 }

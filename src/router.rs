@@ -48,6 +48,23 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// The route's, else its virtual host's.
     pub retry_policy: Option<RetryPolicy>,
+    /// Upgrade protocols (lowercase) this route enables or disables; `websocket` is enabled
+    /// unless listed as disabled, every other protocol only when listed as enabled.
+    pub upgrades: Vec<(String, bool)>,
+}
+
+impl Route {
+    /// Whether an upgrade to `protocol` is tunnelled on this route.
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        if protocol.eq_ignore_ascii_case("h2c") {
+            // Upgrading to h2c would hand the client a raw HTTP/2 pipe past routing.
+            return false;
+        }
+        self.upgrades
+            .iter()
+            .find(|(p, _)| p.eq_ignore_ascii_case(protocol))
+            .map_or(protocol.eq_ignore_ascii_case("websocket"), |(_, on)| *on)
+    }
 }
 
 pub enum PathMatch {
@@ -277,6 +294,7 @@ mod tests {
                 response_headers_to_remove: vec![],
                 timeout: None,
                 retry_policy: None,
+                upgrades: vec![],
             }],
         }
     }

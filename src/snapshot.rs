@@ -54,8 +54,8 @@ pub struct Snapshot {
     pub workers: Option<usize>,
     pub listeners: Vec<ListenerSettings>,
     pub clusters: BTreeMap<String, Arc<Cluster>>,
-    /// Route table for each listener, by listener name.
-    routes_by_listener: HashMap<Arc<str>, Arc<RouteTable>>,
+    /// Route tables by route config name.
+    route_tables: HashMap<String, Arc<RouteTable>>,
 }
 
 impl Snapshot {
@@ -69,12 +69,8 @@ impl Snapshot {
         workers: Option<usize>,
         listeners: Vec<ListenerSettings>,
         clusters: BTreeMap<String, Arc<Cluster>>,
-        route_tables: &HashMap<String, Arc<RouteTable>>,
+        route_tables: HashMap<String, Arc<RouteTable>>,
     ) -> Snapshot {
-        let routes_by_listener = listeners
-            .iter()
-            .filter_map(|l| Some((l.name.clone(), route_tables.get(&l.route_config)?.clone())))
-            .collect();
         Snapshot {
             version,
             source,
@@ -85,13 +81,14 @@ impl Snapshot {
             workers,
             listeners,
             clusters,
-            routes_by_listener,
+            route_tables,
         }
     }
 
-    /// The route table serving `listener`.
-    pub fn routes(&self, listener: &str) -> Option<&RouteTable> {
-        self.routes_by_listener.get(listener).map(|t| &**t)
+    /// The route config named `name`. Requests look theirs up by the name their listener
+    /// gives, so a renamed listener's open connections keep routing.
+    pub fn routes(&self, name: &str) -> Option<&RouteTable> {
+        self.route_tables.get(name).map(|t| &**t)
     }
 }
 

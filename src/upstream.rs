@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus::IntGauge;
 use tokio::net::TcpStream;
 
 use crate::body::{self, Body, BoxError};
@@ -50,14 +52,51 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// True for an HTTP/2 REFUSED_STREAM: the upstream did not process the request.
-    pub fn is_refused_stream(&self) -> bool {
+    /// True when the upstream said it did not process the request: an HTTP/2
+    /// REFUSED_STREAM, or a graceful GOAWAY whose last stream id is below the request's
+    /// (RFC 9113 §6.8). Such a request is safe to send again, whatever its method.
+    pub fn is_unprocessed(&self) -> bool {
+        self.h2_error().is_some_and(|h2| {
+            h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR))
+        })
+    }
+
+    fn h2_error(&self) -> Option<&h2::Error> {
         let mut source = std::error::Error::source(self);
         while let Some(e) = source {
             if let Some(h2) = e.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+                return Some(h2);
             }
             source = e.source();
+        }
+        None
+    }
+
+    /// True when hyper refused to send the request as it was (an invalid request, or the
+    /// request body failing): nothing the upstream did.
+    pub fn is_local(&self) -> bool {
+        matches!(self, UpstreamError::Reset { source, .. } if source.is_user())
+    }
+
+    /// True when a connection closed before any byte of the response came back, which is
+    /// what an upstream closing an idle keep-alive connection looks like.
+    fn closed_before_response(&self) -> bool {
+        let UpstreamError::Reset { source, .. } = self else {
+            return false;
+        };
+        if source.is_incomplete_message() || source.is_canceled() {
+            return true;
+        }
+        let mut cause = std::error::Error::source(source);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                return matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                );
+            }
+            cause = e.source();
         }
         false
     }
@@ -120,15 +159,17 @@ impl Pool {
         });
     }
 
-    async fn take_h1(&self, max_idle: Duration) -> Option<http1::SendRequest<Body>> {
+    /// The most recently used idle connection that is still open, and how long it was idle.
+    async fn take_h1(&self, max_idle: Duration) -> Option<(http1::SendRequest<Body>, Duration)> {
         loop {
             let conn = self.idle.lock().expect("pool lock").pop()?;
-            if conn.sender.is_closed() || conn.since.elapsed() >= max_idle {
+            let idle = conn.since.elapsed();
+            if conn.sender.is_closed() || idle >= max_idle {
                 continue;
             }
             let mut sender = conn.sender;
             if sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, idle));
             }
         }
     }
@@ -136,9 +177,11 @@ impl Pool {
 
 /// Sends `req` to `ep` and returns its response headers; the body streams afterwards.
 ///
-/// A request handed to a pooled connection that turns out to be closed (the keep-alive
-/// race: the upstream closed it while idle) comes back unsent from hyper and is sent once
-/// more on a fresh connection, whatever the method: it never reached the upstream.
+/// A request that an upstream provably did not take is sent once more on a fresh
+/// connection, whatever the method: one handed to a pooled connection found closed (hyper
+/// gives it back unsent), or one the upstream refused by HTTP/2 GOAWAY or REFUSED_STREAM.
+/// A body-less idempotent request on a long-idle pooled HTTP/1.1 connection that closes
+/// before any response byte (the keep-alive race) is sent once more too.
 pub async fn send(
     cluster: &Cluster,
     ep: &Arc<Endpoint>,
@@ -150,52 +193,116 @@ pub async fn send(
     }
 }
 
+/// A pooled connection idle at least this long may have been closed by the upstream's own
+/// keep-alive timer just as a request is written (upstreams use seconds to minutes).
+const RACE_PRONE_IDLE: Duration = Duration::from_secs(1);
+
 async fn send_h1(
     cluster: &Cluster,
     ep: &Arc<Endpoint>,
     req: Request<Body>,
 ) -> Result<Response<Body>, UpstreamError> {
     let addr = ep.address;
-    let (mut sender, reused) = match ep.state.pool.take_h1(cluster.idle_timeout).await {
-        Some(s) => (s, true),
+    let (mut sender, idle) = match ep.state.pool.take_h1(cluster.idle_timeout).await {
+        Some((s, idle)) => (s, Some(idle)),
         None => {
             // Waiting for a new connection: a pending request.
             let _pending = acquire(cluster, Resource::PendingRequests)?;
-            (connect_h1(cluster, addr, false).await?, false)
+            (connect_h1(cluster, addr, false).await?.0, None)
         }
     };
+    let resend_copy = idle
+        .filter(|idle| *idle >= RACE_PRONE_IDLE)
+        .and_then(|_| Head::of_resendable(&req));
+    // The connection goes back to the pool only once the request, too, has been sent whole
+    // (RFC 9112 §9.3): an upstream may answer before reading the whole body.
+    let (req, sent_whole) = watch_request_end(req);
     let req = match sender.try_send_request(req).await {
-        Ok(resp) => return Ok(pooled_response(resp, sender, ep.clone())),
+        Ok(resp) => return Ok(pooled_response(resp, sender, ep.clone(), sent_whole)),
         Err(mut e) => match e.take_message() {
-            Some(req) if reused => req,
+            Some(req) if idle.is_some() => req,
             _ => {
-                return Err(UpstreamError::Reset {
+                let error = UpstreamError::Reset {
                     addr,
                     source: e.into_error(),
-                })
+                };
+                match resend_copy {
+                    Some(head) if error.closed_before_response() => head.rebuild(),
+                    _ => return Err(error),
+                }
             }
         },
     };
     tracing::debug!(%addr, "pooled connection was closed; sending on a fresh one");
-    let mut sender = connect_h1(cluster, addr, false).await?;
+    let mut sender = connect_h1(cluster, addr, false).await?.0;
+    let (req, sent_whole) = watch_request_end(req);
     match sender.send_request(req).await {
-        Ok(resp) => Ok(pooled_response(resp, sender, ep.clone())),
+        Ok(resp) => Ok(pooled_response(resp, sender, ep.clone(), sent_whole)),
         Err(source) => Err(UpstreamError::Reset { addr, source }),
     }
 }
 
-/// Sends an upgrade request (WebSocket) on a connection of its own, which the upgrade takes over.
+/// A body-less request's head, kept to send it again when the upstream provably did not
+/// take it (copied only where that can happen, not on every request).
+struct Head {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Head {
+    /// For a body-less request whose method may be repeated.
+    fn of_resendable(req: &Request<Body>) -> Option<Head> {
+        crate::retry::is_idempotent(req.method())
+            .then(|| Head::of_bodyless(req))
+            .flatten()
+    }
+
+    fn of_bodyless(req: &Request<Body>) -> Option<Head> {
+        req.body().is_end_stream().then(|| Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn rebuild(self) -> Request<Body> {
+        let mut req = Request::new(body::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Wraps a request body that is still to be sent so that its end is known; `None` for a
+/// body-less request, which is sent whole with its head.
+fn watch_request_end(req: Request<Body>) -> (Request<Body>, Option<Arc<AtomicBool>>) {
+    if req.body().is_end_stream() {
+        return (req, None);
+    }
+    let (parts, b) = req.into_parts();
+    let (b, ended) = body::watch_end(b);
+    (Request::from_parts(parts, b), Some(ended))
+}
+
+/// Sends an upgrade request (WebSocket) on a connection of its own, which the upgrade takes
+/// over; the connection's cluster slot comes back with the response, for the tunnel to hold.
 pub async fn send_upgrade(
     cluster: &Cluster,
     ep: &Endpoint,
     req: Request<Body>,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<(Response<Incoming>, Arc<ConnectionSlot>), UpstreamError> {
     let addr = ep.address;
-    let mut sender = connect_h1(cluster, addr, true).await?;
-    sender
+    let (mut sender, slot) = connect_h1(cluster, addr, true).await?;
+    let resp = sender
         .send_request(req)
         .await
-        .map_err(|source| UpstreamError::Reset { addr, source })
+        .map_err(|source| UpstreamError::Reset { addr, source })?;
+    Ok((resp, slot))
 }
 
 async fn send_h2(
@@ -205,18 +312,26 @@ async fn send_h2(
 ) -> Result<Response<Body>, UpstreamError> {
     let addr = ep.address;
     let mut sender = h2_sender(cluster, ep).await?;
+    // Kept for a resend if the upstream turns the stream away unprocessed (GOAWAY during a
+    // graceful restart); a request with a body is resent by a retry policy instead.
+    let resend_copy = Head::of_bodyless(&req);
     let req = match sender.try_send_request(req).await {
         Ok(resp) => return Ok(resp.map(body::incoming)),
         Err(mut e) => match e.take_message() {
             Some(req) => req,
             None => {
-                return Err(UpstreamError::Reset {
+                let error = UpstreamError::Reset {
                     addr,
                     source: e.into_error(),
-                })
+                };
+                match resend_copy {
+                    Some(head) if error.is_unprocessed() => head.rebuild(),
+                    _ => return Err(error),
+                }
             }
         },
     };
+    tracing::debug!(%addr, "h2 connection refused the request unprocessed; sending on a fresh one");
     ep.state.pool.h2.lock().expect("pool lock").take();
     let mut sender = h2_sender(cluster, ep).await?;
     match sender.send_request(req).await {
@@ -252,14 +367,12 @@ async fn h2_sender(
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
-    let gauge = cluster.metrics.connections_active.clone();
-    gauge.inc();
+    let slot = ConnectionSlot::new(cluster, permit);
     tokio::spawn(async move {
         if let Err(error) = conn.await {
             tracing::debug!(%addr, %error, "upstream h2 connection ended");
         }
-        gauge.dec();
-        drop(permit);
+        drop(slot);
     });
     *ep.state.pool.h2.lock().expect("pool lock") = Some(sender.clone());
     Ok(sender)
@@ -288,19 +401,44 @@ async fn connect_tcp(cluster: &Cluster, addr: SocketAddr) -> Result<TcpStream, U
     result
 }
 
+/// An open upstream connection's place in its cluster's `max_connections` and in
+/// `remora_upstream_connections_active`, given back when the last holder lets go: the
+/// connection's task, and for an upgraded connection the tunnel made from it.
+pub struct ConnectionSlot {
+    _permit: Permit,
+    gauge: IntGauge,
+}
+
+impl ConnectionSlot {
+    fn new(cluster: &Cluster, permit: Permit) -> Arc<ConnectionSlot> {
+        let gauge = cluster.metrics.connections_active.clone();
+        gauge.inc();
+        Arc::new(ConnectionSlot {
+            _permit: permit,
+            gauge,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 async fn connect_h1(
     cluster: &Cluster,
     addr: SocketAddr,
     upgrades: bool,
-) -> Result<http1::SendRequest<Body>, UpstreamError> {
+) -> Result<(http1::SendRequest<Body>, Arc<ConnectionSlot>), UpstreamError> {
     let permit = acquire(cluster, Resource::Connections)?;
     let stream = connect_tcp(cluster, addr).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
-    let gauge = cluster.metrics.connections_active.clone();
-    gauge.inc();
+    let slot = ConnectionSlot::new(cluster, permit);
+    let held = slot.clone();
     tokio::spawn(async move {
         let result = if upgrades {
             conn.with_upgrades().await
@@ -310,35 +448,63 @@ async fn connect_h1(
         if let Err(error) = result {
             tracing::debug!(%addr, %error, "upstream connection ended");
         }
-        gauge.dec();
-        drop(permit);
+        drop(held);
     });
-    Ok(sender)
+    Ok((sender, slot))
 }
 
+/// The response, whose connection goes back to the pool once the response has been read
+/// to its end, if by then the request was sent whole (`sent_whole` unset or true).
 fn pooled_response(
     resp: Response<Incoming>,
     sender: http1::SendRequest<Body>,
     ep: Arc<Endpoint>,
+    sent_whole: Option<Arc<AtomicBool>>,
 ) -> Response<Body> {
     resp.map(|inner| {
+        let give_back = PoolReturn {
+            sender,
+            ep,
+            sent_whole,
+        };
         if inner.is_end_stream() {
-            ep.state.pool.put_h1(sender);
+            give_back.put();
             return body::incoming(inner);
         }
         PooledBody {
             inner,
-            give_back: Some((sender, ep)),
+            give_back: Some(give_back),
         }
         .boxed_unsync()
     })
+}
+
+/// What it takes to return a connection to its endpoint's pool.
+struct PoolReturn {
+    sender: http1::SendRequest<Body>,
+    ep: Arc<Endpoint>,
+    sent_whole: Option<Arc<AtomicBool>>,
+}
+
+impl PoolReturn {
+    /// Pools the connection if the request was sent whole; otherwise drops it, which closes
+    /// it once hyper is done with the request.
+    fn put(self) {
+        if self
+            .sent_whole
+            .as_ref()
+            .is_none_or(|done| done.load(Ordering::Acquire))
+        {
+            self.ep.state.pool.put_h1(self.sender);
+        }
+    }
 }
 
 /// A response body that returns its connection to the pool once read to the end. Dropped
 /// early, it closes the connection instead (what is left unread could not be reused).
 struct PooledBody {
     inner: Incoming,
-    give_back: Option<(http1::SendRequest<Body>, Arc<Endpoint>)>,
+    give_back: Option<PoolReturn>,
 }
 
 impl HttpBody for PooledBody {
@@ -370,8 +536,8 @@ impl HttpBody for PooledBody {
 
 impl PooledBody {
     fn give_back(&mut self) {
-        if let Some((sender, ep)) = self.give_back.take() {
-            ep.state.pool.put_h1(sender);
+        if let Some(r) = self.give_back.take() {
+            r.put();
         }
     }
 }

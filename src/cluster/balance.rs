@@ -113,8 +113,11 @@ impl Ring {
         let weights = reduce(weights, MAX_RING / RING_POINTS_PER_WEIGHT);
         let mut points = Vec::new();
         for (i, (id, w)) in ids.iter().zip(&weights).enumerate() {
+            // The id's hash state once, then each replica number fed into a copy of it: no
+            // string per point (a ring has up to a million of them).
+            let seed = fnv(FNV_OFFSET, id.as_bytes());
             for replica in 0..w * RING_POINTS_PER_WEIGHT {
-                let h = hash_bytes(format!("{id}#{replica}").as_bytes());
+                let h = mix(fnv(seed, &replica.to_le_bytes()));
                 points.push((h, i as u32));
             }
         }
@@ -128,24 +131,41 @@ impl Ring {
     }
 
     pub fn pick(&self, key: u64) -> usize {
-        let i = self.points.partition_point(|(h, _)| *h < key);
-        self.points[i % self.points.len()].1 as usize
+        self.walk(key).next().expect("a ring has points")
+    }
+
+    /// Endpoint indices in ring order from `key`'s point, once around the ring (indices
+    /// repeat; a caller looking for a distinct endpoint skips the ones it has seen).
+    pub fn walk(&self, key: u64) -> impl Iterator<Item = usize> + '_ {
+        let start = self.points.partition_point(|(h, _)| *h < key);
+        let n = self.points.len();
+        (0..n).map(move |k| self.points[(start + k) % n].1 as usize)
     }
 }
 
-/// FNV-1a, finished with murmur3's 64-bit mixer for an even spread. Stable across runs and
-/// builds, unlike std's randomly seeded hasher.
-pub fn hash_bytes(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv(mut h: u64, data: &[u8]) -> u64 {
     for b in data {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
+    h
+}
+
+/// murmur3's 64-bit finaliser.
+fn mix(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ (h >> 33)
+}
+
+/// FNV-1a, finished with murmur3's 64-bit mixer for an even spread. Stable across runs and
+/// builds, unlike std's randomly seeded hasher.
+pub fn hash_bytes(data: &[u8]) -> u64 {
+    mix(fnv(FNV_OFFSET, data))
 }
 
 #[cfg(test)]

@@ -291,6 +291,13 @@ impl Breaker {
         Some(t)
     }
 
+    /// Gives back a probe slot whose request ended without an outcome (the client went away).
+    pub fn release_probe(&self) {
+        let _ = self
+            .probes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
     /// In half-open, admits up to `limit` probes at once.
     pub fn try_probe(&self, limit: u32) -> bool {
         self.probes

@@ -74,7 +74,7 @@ pub fn compile(
         workers,
         listeners,
         clusters,
-        &route_tables,
+        route_tables,
     )
 }
 
@@ -200,6 +200,11 @@ fn route(
             .as_ref()
             .or(vhost.retry_policy.as_ref())
             .map(RetryPolicy::new),
+        upgrades: r
+            .upgrade_configs
+            .iter()
+            .map(|u| (u.upgrade_type.to_ascii_lowercase(), u.enabled))
+            .collect(),
     }
 }
 

@@ -177,6 +177,27 @@ pub struct RawRoute {
     /// When and how to retry. Default: the virtual host's policy, else no retries.
     #[serde(default)]
     pub retry_policy: Option<RawRetryPolicy>,
+    /// Which HTTP/1.1 upgrades (`Upgrade:` protocols) this route tunnels, as Envoy's
+    /// `upgrade_configs`. Default: `websocket` only. An entry enables (or, with
+    /// `enabled: false`, disables) one protocol; any other upgrade request is forwarded as a
+    /// plain request without its `Upgrade` headers (h2c is never tunnelled).
+    #[serde(default)]
+    pub upgrade_configs: Vec<RawUpgradeConfig>,
+}
+
+/// One upgrade protocol a route tunnels or refuses.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpgradeConfig {
+    /// The `Upgrade` protocol name, case-insensitive, e.g. `websocket`.
+    pub upgrade_type: String,
+    /// Default `true`.
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+}
+
+fn enabled_by_default() -> bool {
+    true
 }
 
 /// Envoy's retry policy, flattened.

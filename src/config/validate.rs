@@ -159,8 +159,13 @@ fn check_listeners(out: &mut Problems, raw: &RawConfig, route_names: &HashSet<&s
                 );
             }
         }
-        if l.max_connections == Some(0) {
-            out.add(p!["listeners", i, "max_connections"], "must be at least 1");
+        if l.max_connections
+            .is_some_and(|n| !(1..=MAX_CONNECTIONS_BOUND).contains(&n))
+        {
+            out.add(
+                p!["listeners", i, "max_connections"],
+                format!("must be between 1 and {MAX_CONNECTIONS_BOUND}"),
+            );
         }
         if let Some(log) = &l.access_log {
             if log.path.is_empty() {
@@ -370,6 +375,18 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &Hash
             "only applies to routes that match on `prefix`",
         );
     }
+    if let Some(rewrite) = &route.prefix_rewrite {
+        // What replaces the prefix starts the upstream path: it must be a path itself.
+        let valid = rewrite.starts_with('/')
+            && http::uri::PathAndQuery::try_from(rewrite.as_str()).is_ok()
+            && !rewrite.contains(['?', '#']);
+        if !valid {
+            out.add(
+                path(p!["prefix_rewrite"]),
+                format!("`{rewrite}` is not a path: it must start with `/` (e.g. `/` or `/v2/`) and hold no `?` or `#`"),
+            );
+        }
+    }
     if let Some(host) = &route.host_rewrite {
         if host.is_empty() || HeaderValue::from_str(host).is_err() || host.contains(['/', ' ']) {
             out.add(
@@ -470,17 +487,22 @@ fn check_retry_policy(out: &mut Problems, at: &[Seg], r: &RawRetryPolicy) {
     }
 }
 
+/// The largest connection or request limit accepted: far above what one process can hold
+/// open, and small enough that no count near it can overflow.
+const MAX_CONNECTIONS_BOUND: usize = 10_000_000;
+
 fn check_resilience(out: &mut Problems, i: usize, c: &RawCluster) {
     if let Some(cb) = &c.circuit_breakers {
-        for (field, v) in [
-            ("max_connections", cb.max_connections),
-            ("max_pending_requests", cb.max_pending_requests),
-            ("max_requests", cb.max_requests),
+        for (field, v, least) in [
+            ("max_connections", cb.max_connections, 1),
+            ("max_pending_requests", cb.max_pending_requests, 1),
+            ("max_requests", cb.max_requests, 1),
+            ("max_retries", cb.max_retries, 0),
         ] {
-            if v == Some(0) {
+            if v.is_some_and(|n| !(least..=MAX_CONNECTIONS_BOUND).contains(&n)) {
                 out.add(
                     p!["clusters", i, "circuit_breakers", field],
-                    "must be at least 1",
+                    format!("must be between {least} and {MAX_CONNECTIONS_BOUND}"),
                 );
             }
         }

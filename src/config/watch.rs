@@ -18,10 +18,12 @@ const POLL: Duration = Duration::from_secs(5);
 /// Wait before recreating a failed watcher.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// Calls `on_change` (from a task) whenever the content of `path` changes.
-pub fn spawn(path: PathBuf, on_change: mpsc::Sender<()>) {
+/// Calls `on_change` (from a task) whenever the content of `path` changes from `running`,
+/// the hash of the config in force: an edit made while remora was starting (after it read
+/// the file) is seen at once.
+pub fn spawn(path: PathBuf, running: String, on_change: mpsc::Sender<()>) {
     tokio::spawn(async move {
-        let mut last = content_hash(&path);
+        let mut last = Some(running);
         loop {
             let (events_tx, mut events) = mpsc::unbounded_channel::<Result<(), String>>();
             let watcher = start_watcher(&path, events_tx);

@@ -1,5 +1,5 @@
 //! One client connection: protocol detection, HTTP/1.1 or h2c serving, the request-headers
-//! timeout, the idle timeout and graceful close.
+//! timeout, the idle timeout, graceful close on drain and hard close at the drain timeout.
 
 use std::future::Future;
 use std::io;
@@ -10,20 +10,25 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 
+use super::{ConnectionPermit, Phase};
 use crate::config::raw::ListenerProtocol;
 use crate::forward::Client;
 use crate::proxy::{self, ListenerContext};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Request boundaries on one connection, for the header and idle timeouts.
+/// Request boundaries on one connection, for the header and idle timeouts; and the
+/// connection's place in its listener's count, held until the connection and any upgraded
+/// tunnel made from it have both closed.
 struct ConnState {
     epoch: Instant,
     in_flight: AtomicU32,
@@ -31,6 +36,16 @@ struct ConnState {
     head_started: AtomicU64,
     /// Milliseconds since `epoch` when the connection last became idle.
     idle_since: AtomicU64,
+    _permit: ConnectionPermit,
+    /// `remora_downstream_connections_active`, decreased when the state goes.
+    gauge: IntGauge,
+    phase: watch::Receiver<Phase>,
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 impl ConnState {
@@ -72,6 +87,25 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// Keeps the connection counted after its HTTP exchange is over (an upgraded tunnel).
+    pub fn hold_connection(&self) -> ConnectionHold {
+        ConnectionHold(self.0.clone())
+    }
+}
+
+/// A connection's listener slot and gauge, held by an upgraded tunnel, which also learns
+/// from it when the listener's drain timeout has passed.
+pub struct ConnectionHold(Arc<ConnState>);
+
+impl ConnectionHold {
+    /// Resolves when the listener closes its remaining connections (drain timeout) or is gone.
+    pub async fn closing(&self) {
+        let mut phase = self.0.phase.clone();
+        let _ = phase.wait_for(|p| *p == Phase::Closing).await;
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
@@ -86,21 +120,29 @@ enum Protocol {
     Http2,
 }
 
-/// Serves one connection until it closes, times out, or is drained.
+/// Serves one connection until it closes, times out, or is drained. The connection keeps
+/// the limits of `ctx`, the listener's settings when it was accepted; each request takes
+/// the listener's settings as they are then (`current`), so a rename or a new route config
+/// applies to open connections too.
 pub async fn serve(
+    current: Arc<ArcSwap<ListenerContext>>,
     ctx: Arc<ListenerContext>,
     stream: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
-    drain: watch::Receiver<bool>,
+    permit: ConnectionPermit,
+    phase: watch::Receiver<Phase>,
 ) {
     let settings = &ctx.settings;
-    settings.metrics.connections_active.inc();
+    let gauge = settings.metrics.connections_active.clone();
+    gauge.inc();
     let state = Arc::new(ConnState {
         epoch: Instant::now(),
         in_flight: AtomicU32::new(0),
         head_started: AtomicU64::new(0),
         idle_since: AtomicU64::new(0),
+        _permit: permit,
+        gauge,
+        phase: phase.clone(),
     });
     let protocol = match settings.protocol {
         ListenerProtocol::Http1 => Some(Protocol::Http1),
@@ -116,7 +158,6 @@ pub async fn serve(
         }
     };
     let Some(protocol) = protocol else {
-        settings.metrics.connections_active.dec();
         return;
     };
     let io = TokioIo::new(Watched {
@@ -124,9 +165,14 @@ pub async fn serve(
         state: (protocol == Protocol::Http1).then(|| state.clone()),
     });
     let service = {
-        let (ctx, state, client) = (ctx.clone(), state.clone(), Client::new(peer));
+        let (state, client) = (state.clone(), Client::new(peer));
         service_fn(move |req| {
-            proxy::handle(ctx.clone(), client.clone(), InFlight::begin(&state), req)
+            proxy::handle(
+                current.load_full(),
+                client.clone(),
+                InFlight::begin(&state),
+                req,
+            )
         })
     };
     let limits = Limits {
@@ -144,7 +190,7 @@ pub async fn serve(
                 b.max_headers(settings.max_request_headers_count);
             }
             let conn = b.serve_connection(io, service).with_upgrades();
-            drive(conn, |c| c.graceful_shutdown(), &state, limits, drain, true).await;
+            drive(conn, |c| c.graceful_shutdown(), &state, limits, phase, true).await;
         }
         Protocol::Http2 => {
             let conn = http2::Builder::new(TokioExecutor::new())
@@ -156,13 +202,12 @@ pub async fn serve(
                 |c| c.graceful_shutdown(),
                 &state,
                 limits,
-                drain,
+                phase,
                 false,
             )
             .await;
         }
     }
-    settings.metrics.connections_active.dec();
 }
 
 /// Reads (without consuming) enough of the first bytes to tell h2c from HTTP/1.1.
@@ -189,13 +234,14 @@ struct Limits {
     idle_timeout: Option<Duration>,
 }
 
-/// Runs a connection to completion, enforcing the timeouts and honouring drain.
+/// Runs a connection to completion, enforcing the timeouts and honouring drain: graceful
+/// close when it begins, hard close when the drain timeout has passed.
 async fn drive<C, E>(
     conn: C,
     shutdown: impl Fn(Pin<&mut C>),
     state: &ConnState,
     limits: Limits,
-    mut drain: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
     watch_heads: bool,
 ) where
     C: Future<Output = Result<(), E>>,
@@ -215,15 +261,6 @@ async fn drive<C, E>(
     // every wake-up (several per request) would cost more than the request's own parsing.
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let drain_begins = async move {
-        // Resolves once: when draining starts, or the listener is gone.
-        while !*drain.borrow_and_update() {
-            if drain.changed().await.is_err() {
-                break;
-            }
-        }
-    };
-    tokio::pin!(drain_begins);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -235,9 +272,17 @@ async fn drive<C, E>(
                 }
                 return;
             }
-            () = &mut drain_begins, if !closing => {
-                closing = true;
-                shutdown(conn.as_mut());
+            changed = phase.changed() => {
+                let now = *phase.borrow_and_update();
+                // The listener gone (sender dropped) or past its drain timeout: close now.
+                if changed.is_err() || now == Phase::Closing {
+                    tracing::debug!("drain timeout reached; closing the connection");
+                    return;
+                }
+                if now == Phase::Draining && !closing {
+                    closing = true;
+                    shutdown(conn.as_mut());
+                }
             }
             _ = ticks.tick() => {
                 if headers_timeout.is_some_and(|t| state.head_overdue(t)) {

@@ -22,8 +22,13 @@ async fn metrics_count_exactly_the_requests_sent() {
     for _ in 0..5 {
         get(&cl, p.addr, "svc", "/missing", &[]).await;
     }
-    // The record is written when the response body ends; give the last one a moment.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The record is written when the response body ends, just after the client read it.
+    wait_metric(
+        p.admin,
+        "remora_downstream_request_duration_seconds_count{listener=\"main\"}",
+        42.0,
+    )
+    .await;
     let m = |s: &'static str| metric(p.admin, s);
     assert_eq!(
         m("remora_downstream_requests_total{code_class=\"2xx\",listener=\"main\"}").await,

@@ -148,7 +148,8 @@ async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
     let in_flight: Vec<_> = (0..5)
         .map(|_| tokio::spawn(async move { get(&client(), addr, "svc", "/", &[]).await.status }))
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    // All five have reached the upstream: they are in flight when the shutdown begins.
+    wait_until("5 requests reach the upstream", || up.hits() == 5).await;
     let shutdown = tokio::spawn(p.app.shutdown(std::time::Duration::from_secs(5)));
     for r in in_flight {
         assert_eq!(r.await.unwrap(), 200);

@@ -3,6 +3,7 @@
 mod admin;
 mod balancing;
 mod cli;
+mod correctness;
 mod forwarding;
 mod grpc;
 mod limits;
@@ -11,3 +12,4 @@ mod resilience;
 mod routing;
 mod streaming;
 mod support;
+mod tunnels;

@@ -403,7 +403,7 @@ async fn sigterm_drains_twenty_slow_requests_then_exits_0() {
         admin,
         listen,
         up.port(),
-        "shutdown: { drain_delay: 500ms, drain_timeout: 10s }",
+        "shutdown: { drain_delay: 1s, drain_timeout: 10s }",
     );
     let dir = std::env::temp_dir().join(format!("remora-term-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -424,15 +424,36 @@ async fn sigterm_drains_twenty_slow_requests_then_exits_0() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     sigterm(&child);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(get(&client(), admin, "a", "/ready", &[]).await.status, 503);
-    // Still accepting during the drain delay...
-    assert!(TcpStream::connect(listen).await.is_ok());
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let signalled = Instant::now();
+    let mut ready = 200;
+    for _ in 0..100 {
+        ready = get(&client(), admin, "a", "/ready", &[])
+            .await
+            .status
+            .as_u16();
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready, 503, "/ready after SIGTERM");
+    // Still accepting during the drain delay (1 s from the signal)...
+    if signalled.elapsed() < Duration::from_millis(800) {
+        assert!(TcpStream::connect(listen).await.is_ok());
+    }
     // ...and refusing after it.
+    let mut refused = false;
+    for _ in 0..100 {
+        if TcpStream::connect(listen).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "still accepting 5 s after the drain delay");
     assert!(
-        TcpStream::connect(listen).await.is_err(),
-        "accepting after the drain delay"
+        signalled.elapsed() >= Duration::from_millis(900),
+        "stopped accepting before the drain delay was over"
     );
     for r in in_flight {
         assert_eq!(r.await.unwrap(), 200);

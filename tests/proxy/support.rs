@@ -295,6 +295,36 @@ pub async fn metric(admin: SocketAddr, sample: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
 }
 
+/// Waits (up to 5 s) until `sample` on the admin server reads `want`; panics with the last
+/// value otherwise. Records are written when a response body ends, just after the client
+/// has read it, so a count is awaited rather than read once.
+pub async fn wait_metric(admin: SocketAddr, sample: &str, want: f64) {
+    let mut last = f64::NAN;
+    for _ in 0..100 {
+        let text = get(&client(), admin, "admin", "/metrics", &[]).await.body;
+        last = text
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0);
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{sample} is {last}, not {want}");
+}
+
+/// Waits (up to 5 s) until `done` holds.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// A free loopback address (bound, then released) for configs the binary reads.
 pub fn free_address() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
