@@ -530,3 +530,52 @@ fn spawn_reaper(cluster: Weak<Cluster>, idle: Duration) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn static_cluster(n: u16) -> Arc<Cluster> {
+        let endpoints: Vec<String> = (1..=n)
+            .map(|i| format!("{{ address: \"127.0.0.1:{i}\" }}"))
+            .collect();
+        // ring_hash: the slowest rebuild, so the threads' rebuilds overlap.
+        let yaml = format!(
+            "name: c\nlb_policy: ring_hash\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        );
+        let raw: RawCluster = serde_yaml_ng::from_str(&yaml).unwrap();
+        Cluster::new(&raw, Metrics::new().cluster("c"), None)
+    }
+
+    /// Health flips from many threads at once: whatever the interleaving, the balancer ends
+    /// up over exactly the endpoints that are healthy at the end (no rebuild that read older
+    /// states may store after one that read newer).
+    #[test]
+    fn concurrent_rebuilds_never_lose_the_last_change() {
+        for _ in 0..20 {
+            let cluster = static_cluster(8);
+            let endpoints = cluster.members().endpoints.clone();
+            std::thread::scope(|s| {
+                for (i, ep) in endpoints.iter().enumerate() {
+                    let cluster = &cluster;
+                    s.spawn(move || {
+                        for round in 0..200 {
+                            cluster.set_health(ep, round % 2 == 1);
+                        }
+                        // Even endpoints end healthy, odd ones unhealthy.
+                        cluster.set_health(ep, i % 2 == 0);
+                    });
+                }
+            });
+            let chosen: Vec<u16> = cluster
+                .members()
+                .chosen
+                .iter()
+                .map(|e| e.address.port())
+                .collect();
+            assert_eq!(chosen, [1, 3, 5, 7], "balancer over stale states");
+        }
+    }
+}

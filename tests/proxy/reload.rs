@@ -462,3 +462,72 @@ async fn sigterm_drains_twenty_slow_requests_then_exits_0() {
     assert_eq!(status.code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An edit made after remora read its file but before the watcher started (startup can
+/// wait seconds for DNS) is applied: the watcher starts from the running config's hash,
+/// not from the file as it is when the watcher starts.
+#[tokio::test]
+async fn an_edit_made_while_remora_starts_is_applied() {
+    let up = Upstream::start("up").await;
+    let dir = std::env::temp_dir().join(format!("remora-startup-edit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("remora.yaml");
+    std::fs::write(&path, versioned("a", up.port(), 1)).unwrap();
+    let (raw, text) = remora::config::load_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    let app = App::start(raw, ConfigSource::File(path.clone()), &text)
+        .await
+        .unwrap();
+    // The edit lands between reading the file and watching it.
+    std::fs::write(&path, versioned("b", up.port(), 1)).unwrap();
+    app.watch_config_file();
+    let p = Proxy {
+        addr: app.listener_address("main").unwrap(),
+        admin: app.admin_address,
+        app,
+    };
+    // Well inside the 5 s hash poll: the change must be seen when the watcher starts.
+    wait_for_version(&client(), &p, "b", Duration::from_secs(3)).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A file reload rejected for a reason that passes (a new listener's address in use) is
+/// tried again, and applies once the address is free, with no further edit.
+#[tokio::test]
+async fn a_reload_that_could_not_bind_is_retried_until_it_applies() {
+    let up = Upstream::start("up").await;
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap();
+    let dir = std::env::temp_dir().join(format!("remora-bind-retry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("remora.yaml");
+    std::fs::write(&path, versioned("a", up.port(), 1)).unwrap();
+    let p = proxy_from_file(&path).await;
+    let cl = client();
+    // The watcher is running once an edit shows.
+    std::fs::write(&path, versioned("a2", up.port(), 1)).unwrap();
+    wait_for_version(&cl, &p, "a2", Duration::from_secs(8)).await;
+    let with_extra = versioned("b", up.port(), 1).replace(
+        "route_config: rc }\n",
+        &format!(
+            "route_config: rc }}\n  - {{ name: extra, address: \"{taken}\", route_config: rc }}\n"
+        ),
+    );
+    assert!(with_extra.contains("name: extra"), "{with_extra}");
+    std::fs::write(&path, with_extra).unwrap();
+    let started = Instant::now();
+    while reload_failures(&p).await < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "no rejected reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(version(&cl, &p).await, "a2", "the running config stays");
+    drop(blocker);
+    wait_for_version(&cl, &p, "b", Duration::from_secs(12)).await;
+    assert!(
+        TcpStream::connect(taken).await.is_ok(),
+        "extra listener bound"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
