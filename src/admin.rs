@@ -1,20 +1,24 @@
-//! The admin server: `/metrics`, `/ready`, `/live`, `/config`, `/clusters`. Loopback by default.
+//! The admin server: `/metrics`, `/ready`, `/live`, `/config`, `/clusters`. Loopback by default,
+//! with limits of its own so that a flood of admin connections cannot starve the proxy.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::access_log::rfc3339;
+use crate::activity::{Active, Activity};
 use crate::body::{self, Body};
+use crate::listener::{ConnectionLimit, ConnectionPermit};
 use crate::metrics::Metrics;
 use crate::reloader::Rejection;
 use crate::snapshot::SnapshotStore;
@@ -31,31 +35,85 @@ pub struct AdminState {
     pub last_rejected: Mutex<Option<Rejection>>,
 }
 
-/// Binds the admin address and serves it until the process ends.
+/// Default `admin.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default `admin.idle_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `admin.request_headers_timeout`.
+pub const DEFAULT_HEADERS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the admin address and serves it until the process ends, within the limits of the
+/// config in `state` when it starts (they need a restart to change, like the address).
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<SocketAddr> {
     let socket = TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("admin: cannot bind {addr}: {e}")))?;
     let local = socket.local_addr()?;
+    let raw = state.store.load().raw.admin.clone();
+    let raw = raw.as_ref();
+    let connections = Arc::new(ConnectionLimit::new(
+        raw.and_then(|a| a.max_connections)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+    ));
+    let idle = raw
+        .and_then(|a| a.idle_timeout)
+        .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0);
+    let headers = raw
+        .and_then(|a| a.request_headers_timeout)
+        .map_or(DEFAULT_HEADERS_TIMEOUT, |d| d.0);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = socket.accept().await else {
+            let stream = match socket.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(permit) = connections.try_acquire() else {
+                tracing::debug!("admin: max_connections reached; closing");
                 continue;
             };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, req)) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            tokio::spawn(serve_connection(stream, state.clone(), permit, idle, headers));
         }
     });
     tracing::info!(address = %local, "admin listening");
     Ok(local)
+}
+
+/// One admin connection, closed after `idle` with no byte either way.
+async fn serve_connection(
+    stream: TcpStream,
+    state: Arc<AdminState>,
+    _permit: ConnectionPermit,
+    idle: Duration,
+    headers: Duration,
+) {
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(&state, req)) }
+    });
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Active::new(stream, activity.clone()));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(headers)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let every = (idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = ticks.tick() => {
+                if activity.idle_for() >= idle {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
@@ -75,6 +133,8 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
         "/ready" => {
             if state.draining.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+            } else if state.store.load().listeners.is_empty() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no listener\n".into())
             } else if state.ready.load(Ordering::Relaxed) {
                 text(StatusCode::OK, "ready\n".into())
             } else {
@@ -88,7 +148,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 "source": snap.source,
                 "hash": snap.hash,
                 "loaded_at": rfc3339(snap.loaded_at),
-                "config": snap.raw,
+                "config": redacted(serde_json::to_value(&snap.raw).expect("config is JSON")),
                 "last_rejected": *state.last_rejected.lock().expect("admin lock"),
             }))
         }
@@ -132,6 +192,51 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
             "admin endpoints: /metrics /ready /live /config /clusters\n".into(),
         ),
     }
+}
+
+/// What `/config` shows instead of a credential.
+const REDACTED: &str = "[redacted]";
+
+/// The config with the values of credential-bearing headers hidden, wherever a header name
+/// comes with a value (headers to add, header matchers), as Envoy's config dump hides
+/// secrets: `/config` is unauthenticated and may be reachable from the pod network.
+fn redacted(mut config: serde_json::Value) -> serde_json::Value {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            serde_json::Value::Object(map) => {
+                let sensitive = map
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .is_some_and(is_sensitive_header);
+                for (key, value) in map.iter_mut() {
+                    let holds_value = matches!(
+                        key.as_str(),
+                        "value" | "exact" | "prefix" | "suffix" | "contains" | "regex"
+                    );
+                    if sensitive && holds_value && value.is_string() {
+                        *value = serde_json::Value::String(REDACTED.into());
+                    } else {
+                        walk(value);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    walk(&mut config);
+    config
+}
+
+/// Header names whose values are credentials.
+fn is_sensitive_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
+    ) || ["token", "secret", "password", "api-key", "apikey", "auth", "session"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 fn text(status: StatusCode, body_text: String) -> Response<Body> {

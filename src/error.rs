@@ -34,6 +34,8 @@ pub enum ProxyError {
     },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("more request headers than the listener's max_request_headers_count")]
+    TooManyHeaders,
     /// The client went away before the response (e.g. mid-upload): no one to answer, and
     /// nothing the upstream did.
     #[error("the client went away before the response")]
@@ -61,6 +63,10 @@ impl ProxyError {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
             }
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::TooManyHeaders => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request_headers_too_large",
+            ),
             ProxyError::DownstreamDisconnect => (StatusCode::BAD_REQUEST, "downstream_disconnect"),
         }
     }

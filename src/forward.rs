@@ -31,25 +31,26 @@ pub fn requested_upgrade(parts: &request::Parts) -> Option<&str> {
     .then_some(name)
 }
 
-/// The comma-separated tokens of every `Connection` header, trimmed.
+/// The comma-separated tokens of every `Connection` header, trimmed. Split as bytes, so
+/// that one non-ASCII token cannot hide the others in the same value.
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| std::str::from_utf8(t).ok())
         .map(str::trim)
 }
 
 /// The hop-by-hop headers that never cross the proxy (RFC 9110 §7.6.1), besides any named in
 /// `Connection`. `te` is among them but may stay as `te: trailers`. `http2-settings` belongs
-/// to the h2c upgrade (RFC 7540 §3.2), which is never passed on.
-const HOP_BY_HOP: [&str; 8] = [
+/// to the h2c upgrade (RFC 7540 §3.2), which is never passed on. `trailer` is end-to-end (it
+/// names the trailer fields, which HTTP/1.1 needs declared to send them).
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "transfer-encoding",
-    "trailer",
     "upgrade",
     "te",
     "http2-settings",
@@ -207,6 +208,9 @@ pub fn upstream_request(
 
     match protocol {
         UpstreamProtocol::Http1 => {
+            if parts.version == Version::HTTP_2 {
+                join_cookies(&mut parts.headers);
+            }
             parts.version = Version::HTTP_11;
             // Most requests arrive in origin form with a Host header and no rewrite: then the
             // head goes upstream as it came, without rebuilding the URI or Host. (An
@@ -237,6 +241,23 @@ pub fn upstream_request(
         }
     }
     Ok(Request::from_parts(parts, body))
+}
+
+/// HTTP/2 clients may split `cookie` into several fields; HTTP/1.1 allows one, so they are
+/// joined with `"; "` (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// Turns the upstream's response into the one sent to the client.

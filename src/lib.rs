@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod activity;
 pub mod admin;
 pub mod app;
 pub mod body;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod forward;
 pub mod listener;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod reloader;
 pub mod retry;

@@ -25,6 +25,7 @@ use crate::config::raw::LbPolicy;
 use crate::error::ProxyError;
 use crate::forward::{self, Client, Downstream};
 use crate::listener::{ConnectionHold, InFlight};
+use crate::path;
 use crate::retry::{Failure, Replay};
 use crate::router::{Action, Route};
 use crate::snapshot::{ListenerSettings, SnapshotStore};
@@ -84,6 +85,15 @@ async fn proxy(
 
     // 2. Route.
     let (mut parts, body) = req.into_parts();
+    // hyper enforces the header count on HTTP/1.1 only.
+    if parts.headers.len() > ctx.settings.max_request_headers_count {
+        return Err(ProxyError::TooManyHeaders);
+    }
+    let settings = &ctx.settings;
+    if (settings.normalize_path || settings.merge_slashes) && path::may_change(parts.uri.path())
+    {
+        normalize_path(&mut parts.uri, settings.normalize_path, settings.merge_slashes)?;
+    }
     // Cheap clones (shared bytes) so the authority can outlive `parts` being handed on.
     let (uri, host) = (parts.uri.clone(), parts.headers.get(header::HOST).cloned());
     let authority = authority(&uri, host.as_ref(), parts.version)?;
@@ -393,6 +403,27 @@ async fn upgrade_exchange(
         );
     }
     Ok(resp.map(body::incoming))
+}
+
+/// Replaces the URI's path with its normalized form (the query stays); the request is routed
+/// and forwarded with it.
+fn normalize_path(uri: &mut http::Uri, dots: bool, slashes: bool) -> Result<(), ProxyError> {
+    let Some(path) = path::normalize(uri.path(), dots, slashes) else {
+        return Ok(());
+    };
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(
+        target
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("path does not normalize to a valid URI"))?,
+    );
+    *uri = http::Uri::from_parts(parts)
+        .map_err(|_| ProxyError::BadRequest("path does not normalize to a valid URI"))?;
+    Ok(())
 }
 
 fn direct(route: &Route, status: StatusCode, data: Bytes) -> Response<Body> {

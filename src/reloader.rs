@@ -352,6 +352,18 @@ fn needs_restart(current: &Snapshot, next: &RawConfig, text: &str, file: &str) -
             vec![Seg::Key("admin".into()), Seg::Key("address".into())],
             format!("changing the admin address ({was} → {now}) needs a restart"),
         );
+    } else {
+        let limits = |raw: &RawConfig| {
+            raw.admin
+                .as_ref()
+                .map(|a| (a.max_connections, a.idle_timeout, a.request_headers_timeout))
+        };
+        if limits(&current.raw).unwrap_or_default() != limits(next).unwrap_or_default() {
+            complain(
+                vec![Seg::Key("admin".into())],
+                "changing the admin server's limits needs a restart".to_string(),
+            );
+        }
     }
     if current.raw.workers != next.workers {
         let show = |w: Option<usize>| w.map_or("default".to_string(), |w| w.to_string());

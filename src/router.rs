@@ -231,6 +231,8 @@ impl Route {
 }
 
 impl HeaderMatcher {
+    /// Matches the raw bytes of the value, as Envoy does: a value with obs-text (bytes
+    /// 0x80-0xFF, legal in HTTP) is matched as it is, never as an empty string.
     fn matches(&self, headers: &HeaderMap) -> bool {
         let mut values = headers.get_all(&self.name).iter();
         let result = match (&self.kind, values.next()) {
@@ -239,24 +241,25 @@ impl HeaderMatcher {
             (kind, Some(first)) => {
                 // Several values are matched as one, joined by commas (as Envoy does).
                 let joined;
-                let value = match values.next() {
-                    None => first.to_str().unwrap_or_default(),
+                let value: &[u8] = match values.next() {
+                    None => first.as_bytes(),
                     Some(_) => {
                         joined = headers
                             .get_all(&self.name)
                             .iter()
-                            .filter_map(|v| v.to_str().ok())
+                            .map(|v| v.as_bytes())
                             .collect::<Vec<_>>()
-                            .join(",");
+                            .join(&b","[..]);
                         &joined
                     }
                 };
                 match kind {
-                    HeaderMatch::Exact(s) => value == s,
-                    HeaderMatch::Prefix(s) => value.starts_with(s.as_str()),
-                    HeaderMatch::Suffix(s) => value.ends_with(s.as_str()),
-                    HeaderMatch::Contains(s) => value.contains(s.as_str()),
-                    HeaderMatch::Regex(re) => re.is_match(value),
+                    HeaderMatch::Exact(s) => value == s.as_bytes(),
+                    HeaderMatch::Prefix(s) => value.starts_with(s.as_bytes()),
+                    HeaderMatch::Suffix(s) => value.ends_with(s.as_bytes()),
+                    HeaderMatch::Contains(s) => contains(value, s.as_bytes()),
+                    // obs-text reads as U+FFFD, which `.` matches, rather than as nothing.
+                    HeaderMatch::Regex(re) => re.is_match(&String::from_utf8_lossy(value)),
                     HeaderMatch::Present(_) => unreachable!("handled above"),
                 }
             }
@@ -265,10 +268,15 @@ impl HeaderMatcher {
     }
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Compiles a regex that must match the whole input, as Envoy's `safe_regex` does.
 pub fn full_match_regex(pattern: &str) -> Result<Regex, regex::Error> {
     Regex::new(&format!("^(?:{pattern})$"))
 }
+
 
 #[cfg(test)]
 mod tests {
@@ -346,5 +354,13 @@ mod tests {
         assert!(!m("x-none", HeaderMatch::Suffix("".into()), false).matches(&h));
         let re = full_match_regex("[0-9]").unwrap();
         assert!(m("x-canary", HeaderMatch::Regex(re), false).matches(&h));
+        // obs-text is matched as the bytes it is, not as an empty value.
+        h.insert("x-role", HeaderValue::from_bytes(b"admin\xe9").unwrap());
+        assert!(m("x-role", HeaderMatch::Contains("admin".into()), false).matches(&h));
+        assert!(m("x-role", HeaderMatch::Prefix("adm".into()), false).matches(&h));
+        let re = full_match_regex("admin.*").unwrap();
+        assert!(m("x-role", HeaderMatch::Regex(re), false).matches(&h));
+        h.append("x-role", HeaderValue::from_static("user"));
+        assert!(m("x-role", HeaderMatch::Suffix(",user".into()), false).matches(&h));
     }
 }

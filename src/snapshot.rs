@@ -15,8 +15,7 @@ use crate::config::raw::{ListenerProtocol, RawConfig};
 use crate::metrics::ListenerMetrics;
 use crate::router::RouteTable;
 
-/// Default `admin.address`.
-pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
+pub use crate::config::raw::DEFAULT_ADMIN_ADDRESS;
 
 /// A listener's settings, defaults applied.
 #[derive(Clone)]
@@ -35,6 +34,10 @@ pub struct ListenerSettings {
     pub idle_timeout: Option<Duration>,
     /// Default 8192.
     pub max_connections: usize,
+    /// Normalize paths before routing (RFC 3986 §6.2.2). Default false.
+    pub normalize_path: bool,
+    /// Merge runs of slashes before routing. Default false.
+    pub merge_slashes: bool,
     pub access_log: Option<PathBuf>,
     pub metrics: ListenerMetrics,
 }

@@ -2,18 +2,14 @@
 //! upstream's connections spliced together, still counted as a connection on both sides,
 //! closed when idle or when the listener's drain timeout passes.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::activity::{Active, Activity};
 use crate::listener::ConnectionHold;
 use crate::upstream::ConnectionSlot;
 
@@ -45,18 +41,9 @@ pub fn spawn(
                 return;
             }
         };
-        let activity = Arc::new(Activity {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        });
-        let mut a = Active {
-            io: TokioIo::new(client_io),
-            activity: activity.clone(),
-        };
-        let mut b = Active {
-            io: TokioIo::new(upstream_io),
-            activity: activity.clone(),
-        };
+        let activity = Arc::new(Activity::new());
+        let mut a = Active::new(TokioIo::new(client_io), activity.clone());
+        let mut b = Active::new(TokioIo::new(upstream_io), activity.clone());
         let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
         tokio::pin!(copy);
         let closing = limits.connection.closing();
@@ -90,61 +77,4 @@ pub fn spawn(
         // Both connections close as the task ends, and with them go the slots the task holds
         // (`upstream_slot` and the client connection's in `limits`).
     });
-}
-
-/// When bytes last moved through a tunnel, either way.
-struct Activity {
-    epoch: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.last_ms.store(now, Ordering::Relaxed);
-    }
-
-    fn idle_for(&self) -> Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
-
-/// One end of a tunnel, noting activity on every read that brings bytes.
-struct Active<T> {
-    io: T,
-    activity: Arc<Activity>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }

@@ -100,6 +100,8 @@ fn listener(l: &RawListener, metrics: &Metrics) -> ListenerSettings {
         ),
         idle_timeout: nonzero(l.idle_timeout, DEFAULT_IDLE_TIMEOUT),
         max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        normalize_path: l.normalize_path,
+        merge_slashes: l.merge_slashes,
         access_log: l.access_log.as_ref().map(|a| a.path.clone().into()),
         metrics: metrics.listener(&l.name),
     }

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::duration::Dur;
 
+/// Default `admin.address`.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +41,15 @@ pub struct RawConfig {
 pub struct RawAdmin {
     /// `ip:port` to serve the admin endpoints on. Default `127.0.0.1:9901`; keep it on loopback.
     pub address: String,
+    /// Most open admin connections; further ones are closed at accept. Default 64.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// An admin connection with no byte either way for this long is closed. Default `60s`.
+    #[serde(default)]
+    pub idle_timeout: Option<Dur>,
+    /// Time to receive a request's headers on an admin connection. Default `10s`.
+    #[serde(default)]
+    pub request_headers_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -96,6 +108,16 @@ pub struct RawListener {
     /// Most open downstream connections; further ones are closed at accept. Default 8192.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Normalize request paths before routing and forward the normalized path (RFC 3986
+    /// §6.2.2: decode percent-encoded unreserved characters, remove `.` and `..` segments),
+    /// as Envoy's `normalize_path`. Default `false`, as Envoy's: turn it on wherever routes
+    /// guard paths (a `/admin` prefix is otherwise bypassed by `/%61dmin` or `/x/../admin`).
+    #[serde(default)]
+    pub normalize_path: bool,
+    /// Merge runs of `/` in request paths before routing (`//admin` → `/admin`), as Envoy's
+    /// `merge_slashes`. Default `false`.
+    #[serde(default)]
+    pub merge_slashes: bool,
     /// JSON-lines access log for this listener. Default: none.
     #[serde(default)]
     pub access_log: Option<RawAccessLog>,

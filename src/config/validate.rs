@@ -98,6 +98,26 @@ pub fn validate(raw: &RawConfig) -> Vec<Problem> {
     out.0
 }
 
+/// Whether binding both addresses must fail: the same port (not 0, which picks a free one)
+/// on the same IP, on a wildcard and any IP of its family, or on `[::]` and any IPv4 one
+/// (a dual-stack socket); an IPv4-mapped IPv6 address is its IPv4 address.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (plain(a.ip()), plain(b.ip())) {
+        (x, y) if x == y => true,
+        (IpAddr::V4(x), IpAddr::V4(y)) => x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V6(x), IpAddr::V6(y)) => x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V6(x), IpAddr::V4(_)) | (IpAddr::V4(_), IpAddr::V6(x)) => x.is_unspecified(),
+    }
+}
+
 fn bad_socket(addr: &str) -> String {
     format!("`{addr}` is not an `ip:port` address (e.g. `127.0.0.1:8080` or `[::1]:8080`)")
 }
@@ -120,20 +140,37 @@ fn unique_names<'a>(
 }
 
 fn check_listeners(out: &mut Problems, raw: &RawConfig, route_names: &HashSet<&str>) {
-    let mut addresses: HashMap<SocketAddr, &str> = HashMap::new();
+    if raw.listeners.is_empty() {
+        // An empty or truncated file must not reload into a sidecar that listens nowhere.
+        out.add(
+            p!["listeners"],
+            "at least one listener is required (an empty config would stop all traffic)",
+        );
+    }
+    // Every address that will be bound, the admin server's first: two that overlap cannot
+    // both be bound, and `run` would fail where `validate` passed.
+    let admin = raw
+        .admin
+        .as_ref()
+        .map_or(DEFAULT_ADMIN_ADDRESS, |a| a.address.as_str())
+        .parse::<SocketAddr>()
+        .ok();
+    let mut bound: Vec<(SocketAddr, String)> = admin
+        .map(|a| (a, "the admin server".to_string()))
+        .into_iter()
+        .collect();
     for (i, l) in raw.listeners.iter().enumerate() {
         match l.address.parse::<SocketAddr>() {
             Err(_) => out.add(p!["listeners", i, "address"], bad_socket(&l.address)),
-            // Port 0 asks the OS for a free port, so it never collides.
-            Ok(addr) if addr.port() != 0 => {
-                if let Some(other) = addresses.insert(addr, &l.name) {
+            Ok(addr) => {
+                if let Some((other, owner)) = bound.iter().find(|(b, _)| overlaps(*b, addr)) {
                     out.add(
                         p!["listeners", i, "address"],
-                        format!("address {addr} is already used by listener `{other}`"),
+                        format!("address {addr} overlaps {other}, used by {owner}: both cannot be bound"),
                     );
                 }
+                bound.push((addr, format!("listener `{}`", l.name)));
             }
-            Ok(_) => {}
         }
         if !route_names.contains(l.route_config.as_str()) {
             out.unknown(

@@ -26,6 +26,9 @@ use crate::proxy::{self, ListenerContext};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Longest wait, after an idle connection was asked to close, before it is closed hard.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// Request boundaries on one connection, for the header and idle timeouts; and the
 /// connection's place in its listener's count, held until the connection and any upgraded
 /// tunnel made from it have both closed.
@@ -262,6 +265,13 @@ async fn drive<C, E>(
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
+    // When an idle connection was asked to close; a client that ignores it (an HTTP/2 peer
+    // that never answers GOAWAY) is closed hard after a grace period.
+    let mut idle_close_asked: Option<Instant> = None;
+    let grace = limits
+        .idle_timeout
+        .map(|t| t.min(IDLE_CLOSE_GRACE))
+        .unwrap_or(IDLE_CLOSE_GRACE);
     loop {
         tokio::select! {
             // The connection first: it is what wakes this task almost every time.
@@ -291,7 +301,14 @@ async fn drive<C, E>(
                 }
                 if !closing && limits.idle_timeout.is_some_and(|t| state.idle_for() >= t) {
                     closing = true;
+                    idle_close_asked = Some(Instant::now());
                     shutdown(conn.as_mut());
+                }
+                if idle_close_asked.is_some_and(|at| at.elapsed() >= grace)
+                    && state.in_flight.load(Ordering::Relaxed) == 0
+                {
+                    tracing::debug!("idle connection did not close after GOAWAY; closing it");
+                    return;
                 }
             }
         }

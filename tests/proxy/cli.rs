@@ -55,7 +55,7 @@ fn validate_reports_every_error_with_line_and_column_and_exits_1() {
     let expect = [
         format!("{file}:16:13: route_configs[0].virtual_hosts[0].routes[0].clustr: unknown field `clustr` (did you mean `cluster`?)"),
         format!("{file}:23:22: clusters[0].connect_timeout: duration `5` has no unit"),
-        format!("{file}:7:14: listeners[1].address: address 127.0.0.1:18555 is already used by listener `a`"),
+        format!("{file}:7:14: listeners[1].address: address 127.0.0.1:18555 overlaps 127.0.0.1:18555, used by listener `a`: both cannot be bound"),
         format!("{file}:8:19: listeners[1].route_config: unknown route config `mseh` (did you mean `mesh`?)"),
         format!("{file}:15:20: route_configs[0].virtual_hosts[0].routes[0].match: needs exactly one of `prefix`, `path` or `regex`"),
         format!("{file}:15:40: route_configs[0].virtual_hosts[0].routes[0].match.regex: invalid regex `(`: unclosed group"),

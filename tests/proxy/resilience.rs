@@ -426,8 +426,12 @@ async fn closes_idle_connections() -> (u16, std::sync::Arc<std::sync::atomic::At
     (port, served)
 }
 
+/// A pooled connection the upstream closed while it sat idle is noticed before reuse (the
+/// pool's closed/ready check, or hyper handing the request back unsent). The race itself,
+/// a close that arrives as the request is written, is
+/// `tunnels::the_keep_alive_race_is_resent_on_a_fresh_connection`.
 #[tokio::test]
-async fn the_keep_alive_race_never_surfaces_as_a_503() {
+async fn a_pooled_connection_closed_while_idle_is_not_used() {
     let (port, served) = closes_idle_connections().await;
     // No retry policy at all: the race is handled underneath.
     let p = proxy(&config(&route_with(""), &cluster("c", &[(port, 1)], ""))).await;
