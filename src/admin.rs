@@ -76,7 +76,13 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<
                 tracing::debug!("admin: max_connections reached; closing");
                 continue;
             };
-            tokio::spawn(serve_connection(stream, state.clone(), permit, idle, headers));
+            tokio::spawn(serve_connection(
+                stream,
+                state.clone(),
+                permit,
+                idle,
+                headers,
+            ));
         }
     });
     tracing::info!(address = %local, "admin listening");
@@ -234,9 +240,11 @@ fn is_sensitive_header(name: &str) -> bool {
     matches!(
         name.as_str(),
         "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
-    ) || ["token", "secret", "password", "api-key", "apikey", "auth", "session"]
-        .iter()
-        .any(|word| name.contains(word))
+    ) || [
+        "token", "secret", "password", "api-key", "apikey", "auth", "session",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
 }
 
 fn text(status: StatusCode, body_text: String) -> Response<Body> {

@@ -60,8 +60,18 @@ pub fn config_hash(text: &str) -> String {
     format!("{:016x}", hash_bytes(text.as_bytes()))
 }
 
-/// Wait before a config file that failed to apply for a passing reason is tried again.
+/// Wait before a config file that failed to apply for a passing reason is tried again;
+/// doubled after each further failure, up to the maximum.
 const TRANSIENT_RETRY: Duration = Duration::from_secs(5);
+const TRANSIENT_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 impl App {
     /// Starts serving a validated config, parsed from `text`.
@@ -171,10 +181,27 @@ impl App {
         };
         let (tx, mut changes) = mpsc::channel(1);
         let running = self.store.load().hash.clone();
-        crate::config::watch::spawn(path.clone(), running, tx.clone());
-        let (control, admin) = (self.control.clone(), self.admin.clone());
+        crate::config::watch::spawn(path.clone(), running, tx);
+        let control = self.control.clone();
         tokio::spawn(async move {
-            while changes.recv().await.is_some() {
+            // A file that failed to apply for a passing reason is tried again, backing off,
+            // until it applies or the file changes (which asks anyway).
+            let mut backoff = TRANSIENT_RETRY;
+            let mut retry_at: Option<tokio::time::Instant> = None;
+            loop {
+                let changed = tokio::select! {
+                    got = changes.recv() => {
+                        if got.is_none() {
+                            return;
+                        }
+                        true
+                    }
+                    () = sleep_until_some(retry_at) => false,
+                };
+                if changed {
+                    backoff = TRANSIENT_RETRY;
+                }
+                retry_at = None;
                 let (reply, answer) = oneshot::channel();
                 let cmd = Command::Reload {
                     trigger: Trigger::File,
@@ -184,21 +211,10 @@ impl App {
                 if control.send(cmd).await.is_err() {
                     return;
                 }
-                let outcome = answer.await;
-                // A file that failed to apply for a passing reason is tried again, until it
-                // applies or the file changes (which asks anyway).
-                let transient = admin
-                    .last_rejected
-                    .lock()
-                    .expect("admin lock")
-                    .as_ref()
-                    .is_some_and(|r| r.transient);
-                if matches!(outcome, Ok(Outcome::Rejected(_))) && transient {
-                    let again = tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(TRANSIENT_RETRY).await;
-                        let _ = again.try_send(());
-                    });
+                if let Ok(Outcome::Failed(_)) = answer.await {
+                    tracing::info!(retry_in = ?backoff, "config file will be tried again");
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(TRANSIENT_RETRY_MAX);
                 }
             }
         });

@@ -31,37 +31,42 @@ pub fn incoming(body: hyper::body::Incoming) -> Body {
     body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
 }
 
-/// Wraps the client's request body so that its failure (the client went away mid-upload)
-/// can be told apart from the upstream's: the flag is set when the body errors.
-pub fn watch_client(body: hyper::body::Incoming) -> (Body, Arc<AtomicBool>) {
-    let failed = Arc::new(AtomicBool::new(false));
-    let watched = Flagged {
-        inner: incoming(body),
-        ended: None,
-        failed: Some(failed.clone()),
-    };
-    (watched.boxed_unsync(), failed)
+/// What is known of a body as it is read: whether it was read to its end, or failed.
+#[derive(Default)]
+pub struct Progress {
+    ended: AtomicBool,
+    failed: AtomicBool,
 }
 
-/// Wraps a body so that the flag is set once it has been read to its end.
-pub fn watch_end(body: Body) -> (Body, Arc<AtomicBool>) {
-    let ended = Arc::new(AtomicBool::new(false));
-    let watched = Flagged {
+impl Progress {
+    /// Read to its end: every byte was handed on.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// The body broke off; for a client's request body: the client went away mid-upload.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+}
+
+/// Wraps a body so that its [`Progress`] can be read while others read the body.
+pub fn watch(body: Body) -> (Body, Arc<Progress>) {
+    let progress = Arc::new(Progress::default());
+    let watched = Watched {
         inner: body,
-        ended: Some(ended.clone()),
-        failed: None,
+        progress: progress.clone(),
     };
-    (watched.boxed_unsync(), ended)
+    (watched.boxed_unsync(), progress)
 }
 
-/// A body that raises flags at its end or on its failure.
-struct Flagged {
+/// A body that records its [`Progress`].
+struct Watched {
     inner: Body,
-    ended: Option<Arc<AtomicBool>>,
-    failed: Option<Arc<AtomicBool>>,
+    progress: Arc<Progress>,
 }
 
-impl HttpBody for Flagged {
+impl HttpBody for Watched {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -70,20 +75,15 @@ impl HttpBody for Flagged {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let ended = match &polled {
-            Poll::Ready(None) => true,
+        let flag = match &polled {
+            Poll::Ready(None) => Some(&self.progress.ended),
             // Readers stop polling once a body says it has ended.
-            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(f) = &self.failed {
-                    f.store(true, Ordering::Release);
-                }
-                false
-            }
-            Poll::Pending => false,
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => Some(&self.progress.ended),
+            Poll::Ready(Some(Err(_))) => Some(&self.progress.failed),
+            _ => None,
         };
-        if let (true, Some(e)) = (ended, &self.ended) {
-            e.store(true, Ordering::Release);
+        if let Some(flag) = flag {
+            flag.store(true, Ordering::Release);
         }
         polled
     }

@@ -52,6 +52,10 @@ pub struct EndpointState {
     healthy: AtomicBool,
     /// Passive health: the outlier-detection breaker.
     pub breaker: Breaker,
+    /// Every cluster that holds this endpoint (a reload builds a new cluster sharing the
+    /// state; a rejected reload's cluster never takes over): rebuilt when the breaker
+    /// changes on a timer, whichever of them still lives.
+    owners: Mutex<Vec<Weak<Cluster>>>,
 }
 
 impl Default for EndpointState {
@@ -61,6 +65,7 @@ impl Default for EndpointState {
             pool: Pool::new(),
             healthy: AtomicBool::new(true),
             breaker: Breaker::default(),
+            owners: Mutex::new(Vec::new()),
         }
     }
 }
@@ -73,6 +78,21 @@ impl EndpointState {
     /// Healthy and not ejected.
     pub fn is_usable(&self) -> bool {
         self.is_healthy() && !self.breaker.is_open()
+    }
+
+    /// Notes `cluster` as holding this endpoint, forgetting clusters that are gone.
+    fn adopt(&self, cluster: &Weak<Cluster>) {
+        let mut owners = self.owners.lock().expect("owners lock");
+        owners.retain(|o| o.strong_count() > 0);
+        if !owners.iter().any(|o| o.ptr_eq(cluster)) {
+            owners.push(cluster.clone());
+        }
+    }
+
+    /// The live clusters that hold this endpoint.
+    fn owners(&self) -> Vec<Arc<Cluster>> {
+        let owners = self.owners.lock().expect("owners lock");
+        owners.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// The endpoint's state for `/clusters` and metrics.
@@ -99,6 +119,16 @@ impl Pick {
         Pick {
             endpoint: ep.clone(),
             probe: false,
+        }
+    }
+}
+
+impl Drop for Pick {
+    /// A pick that ends without its outcome reaching outlier detection (the client went
+    /// away, the route timed out in a backoff) gives its probe slot back.
+    fn drop(&mut self) {
+        if self.probe {
+            self.endpoint.state.breaker.release_probe();
         }
     }
 }
@@ -215,13 +245,6 @@ impl Cluster {
     /// For `strict_dns`, the returned channel fires after the first resolution.
     pub fn start(self: &Arc<Self>) -> Option<tokio::sync::oneshot::Receiver<()>> {
         spawn_reaper(Arc::downgrade(self), self.idle_timeout);
-        // Ejections carried over from the cluster this one replaces end on this cluster's
-        // timers: the old cluster's timers stop with it.
-        for ep in self.members().endpoints.iter() {
-            if let BreakerState::Open(until) = ep.state.breaker.state() {
-                self.spawn_unejection(ep, until);
-            }
-        }
         if let Some(cfg) = &self.health_check {
             health::spawn(Arc::downgrade(self), cfg.clone());
         }
@@ -253,11 +276,16 @@ impl Cluster {
         let endpoints = addrs
             .into_iter()
             .map(|(address, weight)| {
-                let state = old
+                let state: Arc<EndpointState> = old
                     .endpoints
                     .iter()
                     .find(|e| e.address == address)
                     .map_or_else(Default::default, |e| e.state.clone());
+                state.adopt(&self.weak_self);
+                if self.outlier.is_none() {
+                    // Outlier detection was removed: nothing would ever close the breaker.
+                    state.breaker.reset(Instant::now());
+                }
                 Arc::new(Endpoint {
                     address,
                     weight,
@@ -332,7 +360,9 @@ impl Cluster {
         let weak = self.weak_self.clone();
         let run = move || {
             if let Some(cluster) = weak.upgrade() {
-                cluster.rebuild_queued.store(false, Ordering::Release);
+                // A swap, not a store: it reads the `true` of every caller that relied on
+                // this rebuild, so their endpoint changes are visible to it.
+                cluster.rebuild_queued.swap(false, Ordering::AcqRel);
                 cluster.rebuild_now();
             }
         };
@@ -373,17 +403,17 @@ impl Cluster {
         if let Balancer::RingHash(ring) = balancer {
             // Walk the ring from the key's point to the next distinct endpoint that may take
             // the request: a retry lands on the key's next endpoint, not the same one.
+            let first = ring.pick(hash);
+            if let Some(p) = admit(&eps[first], true) {
+                return Some(p);
+            }
             let mut seen = vec![false; eps.len()];
-            let mut fallback = None;
             let mut distinct = 0;
             for i in ring.walk(hash) {
                 if std::mem::replace(&mut seen[i], true) {
                     continue;
                 }
                 distinct += 1;
-                if fallback.is_none() && avoid.contains(&eps[i].address) {
-                    fallback = Some(i);
-                }
                 if let Some(p) = admit(&eps[i], true) {
                     return Some(p);
                 }
@@ -391,9 +421,11 @@ impl Cluster {
                     break;
                 }
             }
-            // Every endpoint was tried already: go back to the first tried one that may
-            // still take the request.
-            return fallback.and_then(|i| admit(&eps[i], false));
+            // Every endpoint was tried already or cannot take it: the tried ones, in ring order.
+            return ring
+                .walk(hash)
+                .find_map(|i| admit(&eps[i], false))
+                .or_else(|| Some(Pick::plain(&eps[first])));
         }
         for _ in 0..3 {
             let index = match balancer {
@@ -433,6 +465,18 @@ impl Cluster {
         in_turn()
             .find_map(|ep| admit(ep, true))
             .or_else(|| in_turn().find_map(|ep| admit(ep, false)))
+            // None can take it (all ejected, or half-open with their probes out): no endpoint
+            // is usable, which is panic mode: balance over all of them, as Envoy would.
+            .or_else(|| in_turn().next().map(Pick::plain))
+    }
+
+    /// Feeds the outcome of the attempt that `pick` made to outlier detection; a probe's
+    /// outcome decides the breaker, which uses up its slot.
+    pub fn observe_pick(&self, pick: &mut Pick, obs: Observation) {
+        if self.outlier.is_some() {
+            pick.probe = false;
+        }
+        self.observe(&pick.endpoint, obs);
     }
 
     /// Feeds one request's outcome to outlier detection.
@@ -492,17 +536,20 @@ impl Cluster {
         self.rebuild_soon();
     }
 
-    /// Moves `ep` from open to half-open at `until` and rebuilds, while this cluster lives.
+    /// Moves `ep` from open to half-open at `until`, then rebuilds every live cluster that
+    /// holds it: the cluster that ejected it may have been replaced by a reload meanwhile.
     fn spawn_unejection(&self, ep: &Endpoint, until: Instant) {
-        let (cluster, state, addr) = (self.weak_self.clone(), ep.state.clone(), ep.address);
+        let (state, addr) = (ep.state.clone(), ep.address);
         tokio::spawn(async move {
             tokio::time::sleep_until(until.into()).await;
-            let Some(cluster) = cluster.upgrade() else {
+            let owners = state.owners();
+            if owners.is_empty() {
+                // The endpoint left every cluster; its state goes with this task.
                 return;
-            };
+            }
             if let Some(t) = state.breaker.expire(Instant::now()) {
                 tracing::warn!(
-                    cluster = %cluster.name,
+                    cluster = %owners[owners.len() - 1].name,
                     endpoint = %addr,
                     from = t.from.label(),
                     to = t.to.label(),
@@ -510,8 +557,9 @@ impl Cluster {
                     "endpoint breaker changed"
                 );
             }
-            // Rebuild even if another cluster sharing this endpoint expired it first.
-            cluster.rebuild_soon();
+            for cluster in owners {
+                cluster.rebuild_soon();
+            }
         });
     }
 }

@@ -53,6 +53,9 @@ impl ProxyError {
             ProxyError::Overflow { .. } | ProxyError::Upstream(UpstreamError::Overflow(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overflow")
             }
+            ProxyError::Upstream(UpstreamError::UnexpectedUpgrade { .. }) => {
+                (StatusCode::BAD_GATEWAY, "upstream_protocol_error")
+            }
             // The request could not be sent as it was: the client's or remora's doing.
             ProxyError::Upstream(e) if e.is_local() => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::Upstream(e) if e.is_connect_failure() => {

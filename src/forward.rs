@@ -16,19 +16,26 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 /// Generated when absent, passed through when present.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The protocol an HTTP/1.1 request asks to switch to (`websocket`, `h2c`, ...), if any: the
-/// first token of `Upgrade`, when `Connection` names `upgrade`.
-pub fn requested_upgrade(parts: &request::Parts) -> Option<&str> {
-    if parts.version != Version::HTTP_11 {
-        return None;
+/// Whether `Connection` names `upgrade` (with an `Upgrade` header present).
+pub fn asks_to_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+/// The protocol names in every `Upgrade` header (`websocket`, `h2c`, ...: without their
+/// `/version`), or `None` when there are none or one is not readable.
+pub fn upgrade_protocols(headers: &HeaderMap) -> Option<Vec<&str>> {
+    let mut names = Vec::new();
+    for value in headers.get_all(header::UPGRADE) {
+        for protocol in value.to_str().ok()?.split(',') {
+            let name = protocol.split('/').next()?.trim();
+            if name.is_empty() {
+                return None;
+            }
+            names.push(name);
+        }
     }
-    let first = parts.headers.get(header::UPGRADE)?.to_str().ok()?;
-    let protocol = first.split(',').next()?.trim();
-    // `websocket/13` and the like: the protocol name without its version.
-    let name = protocol.split('/').next()?.trim();
-    (!name.is_empty()
-        && connection_tokens(&parts.headers).any(|t| t.eq_ignore_ascii_case("upgrade")))
-    .then_some(name)
+    (!names.is_empty()).then_some(names)
 }
 
 /// The comma-separated tokens of every `Connection` header, trimmed. Split as bytes, so

@@ -137,12 +137,29 @@ impl Listener {
     /// Applies new settings for the same address: connections accepted from now on use
     /// them, requests on open connections route by them, and a lower `max_connections`
     /// holds new connections back until enough open ones have closed.
+    /// If the new access log cannot be opened, the previous one stays (the error is
+    /// returned) but every other setting, routing included, still applies.
     pub fn update(&self, settings: ListenerSettings, store: Arc<SnapshotStore>) -> io::Result<()> {
         let max = settings.max_connections;
-        let ctx = context(settings, store, Some(&self.ctx.load()))?;
+        let previous = self.ctx.load_full();
+        let (ctx, result) = match context(settings.clone(), store.clone(), Some(&previous)) {
+            Ok(ctx) => (ctx, Ok(())),
+            Err(e) => {
+                let kept = ListenerSettings {
+                    access_log: previous.settings.access_log.clone(),
+                    ..settings
+                };
+                let ctx = Arc::new(ListenerContext {
+                    settings: kept,
+                    store,
+                    access_log: previous.access_log.clone(),
+                });
+                (ctx, Err(e))
+            }
+        };
         self.connections.set_max(max);
         self.ctx.store(ctx);
-        Ok(())
+        result
     }
 
     /// Stops accepting (new connections are refused), asks every open connection to finish

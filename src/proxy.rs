@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -79,9 +79,7 @@ async fn proxy(
 ) -> Result<Response<Body>, ProxyError> {
     // 1. One snapshot for the whole request, whatever reloads happen meanwhile.
     let snapshot = ctx.store.load();
-    let routes = snapshot
-        .routes(&ctx.settings.route_config)
-        .ok_or(ProxyError::NoRoute)?;
+    let routes = snapshot.routes(&ctx.settings).ok_or(ProxyError::NoRoute)?;
 
     // 2. Route.
     let (mut parts, body) = req.into_parts();
@@ -90,9 +88,12 @@ async fn proxy(
         return Err(ProxyError::TooManyHeaders);
     }
     let settings = &ctx.settings;
-    if (settings.normalize_path || settings.merge_slashes) && path::may_change(parts.uri.path())
-    {
-        normalize_path(&mut parts.uri, settings.normalize_path, settings.merge_slashes)?;
+    if (settings.normalize_path || settings.merge_slashes) && path::may_change(parts.uri.path()) {
+        normalize_path(
+            &mut parts.uri,
+            settings.normalize_path,
+            settings.merge_slashes,
+        )?;
     }
     // Cheap clones (shared bytes) so the authority can outlive `parts` being handed on.
     let (uri, host) = (parts.uri.clone(), parts.headers.get(header::HOST).cloned());
@@ -122,7 +123,11 @@ async fn proxy(
 
     // 4. Pick an endpoint and send (retrying per the route's policy), within the route's
     //    timeout, which covers every attempt and the backoff between them.
-    let upgrade = forward::requested_upgrade(&parts).is_some_and(|t| route.allows_upgrade(t));
+    // Every protocol the client offers must be allowed: the upstream picks among them.
+    let upgrade = parts.version == http::Version::HTTP_11
+        && forward::asks_to_upgrade(&parts.headers)
+        && forward::upgrade_protocols(&parts.headers)
+            .is_some_and(|protocols| protocols.iter().all(|p| route.allows_upgrade(p)));
     let on_client_upgrade = if upgrade {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
     } else {
@@ -134,13 +139,13 @@ async fn proxy(
         authority,
         upgrade,
     };
-    // A body the client may abandon halfway is watched, so that its failure is not blamed on
+    // A body the client may abandon or stall halfway is watched, so that neither is blamed on
     // the upstream.
-    let (body, client_gone) = if body.is_end_stream() {
+    let (body, upload) = if body.is_end_stream() {
         (body::incoming(body), None)
     } else {
-        let (body, gone) = body::watch_client(body);
-        (body, Some(gone))
+        let (body, progress) = body::watch(body::incoming(body));
+        (body, Some(progress))
     };
     let upstream_req = forward::upstream_request(parts, body, route, &down, cluster.protocol)?;
     if ctx.access_log.is_some() {
@@ -156,7 +161,7 @@ async fn proxy(
         deadline: route
             .timeout
             .map(|limit| (tokio::time::Instant::now() + limit, limit)),
-        client_gone,
+        upload,
     };
     let resp = match on_client_upgrade {
         Some(client_io) => {
@@ -164,7 +169,8 @@ async fn proxy(
                 idle_timeout: ctx.settings.idle_timeout,
                 connection: record.connection(),
             };
-            let handshake = upgrade_exchange(&target, upstream_req, client_io, tunnel, record);
+            let handshake =
+                upgrade_exchange(&target, route, upstream_req, client_io, tunnel, record);
             match target.deadline {
                 Some((at, limit)) => tokio::time::timeout_at(at, handshake)
                     .await
@@ -186,15 +192,20 @@ struct Target<'a> {
     hash: u64,
     /// When the route timeout runs out, and its length (for the error).
     deadline: Option<(tokio::time::Instant, Duration)>,
-    /// Set when the client's request body broke off: the client went away mid-upload.
-    client_gone: Option<Arc<AtomicBool>>,
+    /// How far the client's request body has come, when it has one.
+    upload: Option<Arc<body::Progress>>,
 }
 
 impl Target<'_> {
+    /// The client went away mid-upload.
     fn client_gone(&self) -> bool {
-        self.client_gone
-            .as_ref()
-            .is_some_and(|g| g.load(Ordering::Acquire))
+        self.upload.as_ref().is_some_and(|u| u.failed())
+    }
+
+    /// The client has not finished sending its body: a timeout now is the client's pace,
+    /// not the upstream's slowness.
+    fn still_uploading(&self) -> bool {
+        self.upload.as_ref().is_some_and(|u| !u.ended())
     }
 
     /// Picks an endpoint, preferring ones not in `avoid`, and notes it on the record.
@@ -232,8 +243,8 @@ async fn send_with_retries(
     let mut tried = Vec::new();
     let mut _retry_permit = None;
     let mut retry = 0;
+    let mut pick = target.pick(&tried, record)?;
     loop {
-        let pick = target.pick(&tried, record)?;
         tried.push(pick.endpoint.address);
         let req = again(&parts, replay.body(), retry + 1);
         let result = attempt(target, pick, req, policy.per_try_timeout).await;
@@ -251,14 +262,26 @@ async fn send_with_retries(
             cluster.metrics.body_too_large.inc();
             return result;
         }
-        if !cluster.retry_budget.try_withdraw() {
-            cluster.metrics.budget_exhausted.inc();
-            return result;
-        }
         let Some(permit) = cluster.breakers.try_acquire(Resource::Retries) else {
             cluster.metrics.overflow(Resource::Retries.label());
             return result;
         };
+        if !cluster.retry_budget.try_withdraw() {
+            cluster.metrics.budget_exhausted.inc();
+            return result;
+        }
+        // No endpoint left to retry on: the last answer stands.
+        let Ok(next) = target.pick(&tried, record) else {
+            return result;
+        };
+        // The abandoned attempt's connection may still be uploading: it must stop reading
+        // the body now, or it could read past the replay buffer while the retry waits.
+        replay.retire_attempts();
+        if !replay.can_replay() {
+            cluster.metrics.body_too_large.inc();
+            return result;
+        }
+        pick = next;
         _retry_permit = Some(permit);
         cluster.metrics.retry(reason);
         drop(result);
@@ -291,20 +314,13 @@ fn again(parts: &http::request::Parts, body: Body, attempt: u32) -> Request<Body
 static ATTEMPT_COUNT: http::HeaderName = http::HeaderName::from_static("x-remora-attempt-count");
 
 /// One attempt at one endpoint, within the per-try timeout and what is left of the route
-/// timeout. Its outcome is recorded for metrics and outlier detection, sorted by who caused
-/// it: only the upstream's failures count against the upstream.
+/// timeout. Its outcome is recorded for metrics and outlier detection.
 async fn attempt(
     target: &Target<'_>,
-    pick: Pick,
+    mut pick: Pick,
     req: Request<Body>,
     per_try_timeout: Option<Duration>,
 ) -> Result<Response<Body>, ProxyError> {
-    let cluster = target.cluster;
-    let mut outcome = OutcomeGuard {
-        cluster,
-        pick,
-        recorded: false,
-    };
     let sent = Instant::now();
     let per_try = per_try_timeout.map(|limit| (tokio::time::Instant::now() + limit, limit));
     // Whichever runs out first ends the attempt, with its own error.
@@ -314,7 +330,7 @@ async fn attempt(
         (None, Some(r)) => Some((r.0, ProxyError::Timeout(r.1))),
         (None, None) => None,
     };
-    let send = upstream::send(cluster, &outcome.pick.endpoint, req);
+    let send = upstream::send(target.cluster, &pick.endpoint, req);
     let result = match limit {
         Some((at, on_timeout)) => match tokio::time::timeout_at(at, send).await {
             Ok(r) => r.map_err(ProxyError::from),
@@ -322,49 +338,42 @@ async fn attempt(
         },
         None => send.await.map_err(ProxyError::from),
     };
-    match &result {
-        Ok(resp) => {
-            let status = resp.status().as_u16();
+    record_outcome(target, &mut pick, result.as_ref().map(|r| r.status()), sent)?;
+    result
+}
+
+/// Records an attempt's outcome, sorted by who caused it: only the upstream's failures
+/// count against the upstream. A pick dropped without an outcome gives back its probe slot.
+fn record_outcome(
+    target: &Target<'_>,
+    pick: &mut Pick,
+    outcome: Result<StatusCode, &ProxyError>,
+    sent: Instant,
+) -> Result<(), ProxyError> {
+    let cluster = target.cluster;
+    match outcome {
+        Ok(status) => {
+            let status = status.as_u16();
             cluster
                 .metrics
                 .response(status, sent.elapsed().as_secs_f64());
-            outcome.observe(Observation::Status(status));
+            cluster.observe_pick(pick, Observation::Status(status));
         }
         // The client went away mid-upload: its doing, not the upstream's.
         Err(_) if target.client_gone() => return Err(ProxyError::DownstreamDisconnect),
+        // The time ran out while the client was still sending its body: nobody's fault the
+        // upstream can be charged with.
+        Err(ProxyError::Timeout(_) | ProxyError::PerTryTimeout(_)) if target.still_uploading() => {}
         // Refused by remora's own breaker, or a request remora could not send as it was:
         // the upstream never saw it.
         Err(ProxyError::Upstream(UpstreamError::Overflow(_))) => {}
         Err(ProxyError::Upstream(e)) if e.is_local() => {}
         Err(ProxyError::Upstream(e)) if e.is_connect_failure() => {
-            outcome.observe(Observation::ConnectFailure)
+            cluster.observe_pick(pick, Observation::ConnectFailure)
         }
-        Err(_) => outcome.observe(Observation::NoResponse),
+        Err(_) => cluster.observe_pick(pick, Observation::NoResponse),
     }
-    result
-}
-
-/// Records an attempt's outcome once; an attempt dropped before it has one (the client went
-/// away) records nothing against the endpoint, but gives back its half-open probe slot.
-struct OutcomeGuard<'a> {
-    cluster: &'a Cluster,
-    pick: Pick,
-    recorded: bool,
-}
-
-impl OutcomeGuard<'_> {
-    fn observe(&mut self, obs: Observation) {
-        self.recorded = true;
-        self.cluster.observe(&self.pick.endpoint, obs);
-    }
-}
-
-impl Drop for OutcomeGuard<'_> {
-    fn drop(&mut self) {
-        if !self.recorded && self.pick.probe {
-            self.pick.endpoint.state.breaker.release_probe();
-        }
-    }
+    Ok(())
 }
 
 fn failure_of(e: &ProxyError) -> Option<Failure> {
@@ -383,16 +392,30 @@ fn failure_of(e: &ProxyError) -> Option<Failure> {
 /// connections to a tunnel that holds both connections' slots until it closes.
 async fn upgrade_exchange(
     target: &Target<'_>,
+    route: &Route,
     req: Request<Body>,
     client_io: hyper::upgrade::OnUpgrade,
     limits: tunnel::Limits,
     record: &mut Record,
 ) -> Result<Response<Body>, ProxyError> {
-    let pick = target.pick(&[], record)?;
-    let (mut resp, upstream_slot) = upstream::send_upgrade(target.cluster, &pick.endpoint, req)
+    let mut pick = target.pick(&[], record)?;
+    let sent = Instant::now();
+    let result = upstream::send_upgrade(target.cluster, &pick.endpoint, req)
         .await
-        .map_err(ProxyError::from)?;
+        .map_err(ProxyError::from);
+    record_outcome(
+        target,
+        &mut pick,
+        result.as_ref().map(|(resp, _)| resp.status()),
+        sent,
+    )?;
+    let (mut resp, upstream_slot) = result?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if !upgrade_answer_allowed(route, &resp) {
+            return Err(ProxyError::Upstream(UpstreamError::UnexpectedUpgrade {
+                addr: pick.endpoint.address,
+            }));
+        }
         let upstream_io = hyper::upgrade::on(&mut resp);
         tunnel::spawn(
             client_io,
@@ -403,6 +426,14 @@ async fn upgrade_exchange(
         );
     }
     Ok(resp.map(body::incoming))
+}
+
+/// Whether the protocol a `101` switches to is one the route allows (an upstream must not
+/// pick a protocol the client did not ask for, RFC 9110 §15.2.2).
+fn upgrade_answer_allowed(route: &Route, resp: &Response<Incoming>) -> bool {
+    forward::upgrade_protocols(resp.headers())
+        .map(|protocols| protocols.iter().all(|p| route.allows_upgrade(p)))
+        .unwrap_or(false)
 }
 
 /// Replaces the URI's path with its normalized form (the query stays); the request is routed
@@ -443,15 +474,67 @@ fn authority<'a>(
         return Ok(a.as_str());
     }
     match host {
-        Some(h) => h
-            .to_str()
-            .ok()
-            .filter(|h| http::uri::Authority::try_from(*h).is_ok())
-            .ok_or(ProxyError::BadRequest("invalid Host header")),
+        Some(h) if is_valid_host(h.as_bytes()) => {
+            Ok(h.to_str().expect("checked: ASCII graphic bytes"))
+        }
+        Some(_) => Err(ProxyError::BadRequest("invalid Host header")),
         // HTTP/1.0 may omit Host; it can still match a `*` virtual host.
         None if version < http::Version::HTTP_11 => Ok(""),
         None => Err(ProxyError::BadRequest("missing Host header")),
     }
+}
+
+/// Whether a Host header is `host[:port]` (RFC 9110 §7.2, RFC 3986 §3.2.2): reg-name
+/// characters, or an IP literal in brackets. Checked in place, without copying (this runs on
+/// every HTTP/1.1 request). Empty is allowed: it matches only a `*` virtual host.
+fn is_valid_host(host: &[u8]) -> bool {
+    let reg_name = |b: &u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+    };
+    let (name, port) = match host.first() {
+        Some(b'[') => {
+            let Some(end) = host.iter().position(|b| *b == b']') else {
+                return false;
+            };
+            let literal = &host[1..end];
+            if literal.is_empty()
+                || !literal
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+            {
+                return false;
+            }
+            (&[][..], &host[end + 1..])
+        }
+        _ => match host.iter().position(|b| *b == b':') {
+            Some(colon) => (&host[..colon], &host[colon..]),
+            None => (host, &[][..]),
+        },
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    port_ok && name.iter().all(reg_name)
 }
 
 /// The `ring_hash` key: the configured header's value, else the client's IP.
@@ -617,5 +700,37 @@ impl HttpBody for RecordedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_valid_host;
+
+    #[test]
+    fn host_headers_are_checked_as_authorities() {
+        for ok in [
+            "svc",
+            "svc.ns.svc.cluster.local:8080",
+            "10.0.0.1:80",
+            "[::1]:443",
+            "[::ffff:10.0.0.1]",
+            "",
+        ] {
+            assert!(is_valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "svc bad",
+            "svc/x",
+            "svc:80x",
+            "svc:123456",
+            "user@svc",
+            "[::1",
+            "[zz]",
+            "svc?",
+            "svc\u{e9}",
+        ] {
+            assert!(!is_valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 }

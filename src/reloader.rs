@@ -54,6 +54,9 @@ pub enum Outcome {
     Unchanged,
     /// Kept the running config; these are the reasons, one per line.
     Rejected(Vec<String>),
+    /// The config is valid but could not be applied now (an address in use, a file that
+    /// cannot be read or opened); the running config stays, and trying again may work.
+    Failed(Vec<String>),
 }
 
 /// The last rejected attempt, for `/config`.
@@ -270,7 +273,7 @@ impl Reloader {
             match (p, ready) {
                 (Plan::Keep(l, settings), _) => {
                     if let Err(e) = l.update(settings, self.store.clone()) {
-                        tracing::warn!(error = %e, "listener kept its previous settings");
+                        tracing::warn!(error = %e, "listener kept its previous access log");
                     }
                     self.listeners.push(l);
                 }
@@ -307,7 +310,11 @@ impl Reloader {
             errors: errors.clone(),
             transient,
         });
-        Outcome::Rejected(errors)
+        if transient {
+            Outcome::Failed(errors)
+        } else {
+            Outcome::Rejected(errors)
+        }
     }
 
     fn publish_addresses(&self) {

@@ -241,6 +241,11 @@ impl Replay {
         !self.shared.lock().expect("replay lock").overflow
     }
 
+    /// Stops every attempt's body: an abandoned attempt's connection must not read on.
+    pub fn retire_attempts(&self) {
+        self.shared.lock().expect("replay lock").attempt += 1;
+    }
+
     /// A body for the next attempt; every earlier attempt's body stops.
     pub fn body(&self) -> Body {
         let attempt = {

@@ -277,7 +277,6 @@ pub fn full_match_regex(pattern: &str) -> Result<Regex, regex::Error> {
     Regex::new(&format!("^(?:{pattern})$"))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

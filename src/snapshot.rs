@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub clusters: BTreeMap<String, Arc<Cluster>>,
     /// Route tables by route config name.
     route_tables: HashMap<String, Arc<RouteTable>>,
+    /// Route table for each listener, by listener name.
+    routes_by_listener: HashMap<Arc<str>, Arc<RouteTable>>,
 }
 
 impl Snapshot {
@@ -74,6 +76,10 @@ impl Snapshot {
         clusters: BTreeMap<String, Arc<Cluster>>,
         route_tables: HashMap<String, Arc<RouteTable>>,
     ) -> Snapshot {
+        let routes_by_listener = listeners
+            .iter()
+            .filter_map(|l| Some((l.name.clone(), route_tables.get(&l.route_config)?.clone())))
+            .collect();
         Snapshot {
             version,
             source,
@@ -85,13 +91,19 @@ impl Snapshot {
             listeners,
             clusters,
             route_tables,
+            routes_by_listener,
         }
     }
 
-    /// The route config named `name`. Requests look theirs up by the name their listener
-    /// gives, so a renamed listener's open connections keep routing.
-    pub fn routes(&self, name: &str) -> Option<&RouteTable> {
-        self.route_tables.get(name).map(|t| &**t)
+    /// The route table serving a listener: the one this snapshot gives the listener's name,
+    /// else the route config the listener names. The second covers a connection still
+    /// holding its listener's previous settings: after a rename, or for a moment after a
+    /// reload (the snapshot is swapped just before listener settings are).
+    pub fn routes(&self, listener: &ListenerSettings) -> Option<&RouteTable> {
+        self.routes_by_listener
+            .get(&listener.name)
+            .or_else(|| self.route_tables.get(&listener.route_config))
+            .map(|t| &**t)
     }
 }
 

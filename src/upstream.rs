@@ -4,7 +4,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -49,6 +48,8 @@ pub enum UpstreamError {
     },
     #[error("circuit breaker `max_{}` reached", .0.label())]
     Overflow(Resource),
+    #[error("upstream {addr} switched to a protocol the route does not allow")]
+    UnexpectedUpgrade { addr: SocketAddr },
 }
 
 impl UpstreamError {
@@ -120,7 +121,10 @@ struct IdleConn {
 /// An endpoint's connections: idle HTTP/1.1 ones (most recently used first), or one h2c one.
 pub struct Pool {
     idle: Mutex<Vec<IdleConn>>,
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// The shared h2c connection, numbered so that a request that saw it fail replaces that
+    /// one only, not a fresh one another request has just opened.
+    h2: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
+    h2_opened: std::sync::atomic::AtomicU64,
     h2_connecting: tokio::sync::Mutex<()>,
 }
 
@@ -135,6 +139,7 @@ impl Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_opened: std::sync::atomic::AtomicU64::new(0),
             h2_connecting: tokio::sync::Mutex::new(()),
         }
     }
@@ -280,13 +285,13 @@ impl Head {
 
 /// Wraps a request body that is still to be sent so that its end is known; `None` for a
 /// body-less request, which is sent whole with its head.
-fn watch_request_end(req: Request<Body>) -> (Request<Body>, Option<Arc<AtomicBool>>) {
+fn watch_request_end(req: Request<Body>) -> (Request<Body>, Option<Arc<body::Progress>>) {
     if req.body().is_end_stream() {
         return (req, None);
     }
     let (parts, b) = req.into_parts();
-    let (b, ended) = body::watch_end(b);
-    (Request::from_parts(parts, b), Some(ended))
+    let (b, progress) = body::watch(b);
+    (Request::from_parts(parts, b), Some(progress))
 }
 
 /// Sends an upgrade request (WebSocket) on a connection of its own, which the upgrade takes
@@ -311,7 +316,7 @@ async fn send_h2(
     req: Request<Body>,
 ) -> Result<Response<Body>, UpstreamError> {
     let addr = ep.address;
-    let mut sender = h2_sender(cluster, ep).await?;
+    let (conn_id, mut sender) = h2_sender(cluster, ep).await?;
     // Kept for a resend if the upstream turns the stream away unprocessed (GOAWAY during a
     // graceful restart); a request with a body is resent by a retry policy instead.
     let resend_copy = Head::of_bodyless(&req);
@@ -332,24 +337,30 @@ async fn send_h2(
         },
     };
     tracing::debug!(%addr, "h2 connection refused the request unprocessed; sending on a fresh one");
-    ep.state.pool.h2.lock().expect("pool lock").take();
-    let mut sender = h2_sender(cluster, ep).await?;
+    {
+        let mut pooled = ep.state.pool.h2.lock().expect("pool lock");
+        if pooled.as_ref().is_some_and(|(id, _)| *id == conn_id) {
+            pooled.take();
+        }
+    }
+    let (_, mut sender) = h2_sender(cluster, ep).await?;
     match sender.send_request(req).await {
         Ok(resp) => Ok(resp.map(body::incoming)),
         Err(source) => Err(UpstreamError::Reset { addr, source }),
     }
 }
 
+/// The endpoint's h2c connection and its number, opened if there is none that is open.
 async fn h2_sender(
     cluster: &Cluster,
     ep: &Endpoint,
-) -> Result<http2::SendRequest<Body>, UpstreamError> {
+) -> Result<(u64, http2::SendRequest<Body>), UpstreamError> {
     let live = |pool: &Pool| {
         pool.h2
             .lock()
             .expect("pool lock")
             .as_ref()
-            .filter(|s| !s.is_closed())
+            .filter(|(_, s)| !s.is_closed())
             .cloned()
     };
     if let Some(s) = live(&ep.state.pool) {
@@ -374,8 +385,13 @@ async fn h2_sender(
         }
         drop(slot);
     });
-    *ep.state.pool.h2.lock().expect("pool lock") = Some(sender.clone());
-    Ok(sender)
+    let id = ep
+        .state
+        .pool
+        .h2_opened
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    *ep.state.pool.h2.lock().expect("pool lock") = Some((id, sender.clone()));
+    Ok((id, sender))
 }
 
 fn acquire(cluster: &Cluster, resource: Resource) -> Result<Permit, UpstreamError> {
@@ -459,7 +475,7 @@ fn pooled_response(
     resp: Response<Incoming>,
     sender: http1::SendRequest<Body>,
     ep: Arc<Endpoint>,
-    sent_whole: Option<Arc<AtomicBool>>,
+    sent_whole: Option<Arc<body::Progress>>,
 ) -> Response<Body> {
     resp.map(|inner| {
         let give_back = PoolReturn {
@@ -483,18 +499,14 @@ fn pooled_response(
 struct PoolReturn {
     sender: http1::SendRequest<Body>,
     ep: Arc<Endpoint>,
-    sent_whole: Option<Arc<AtomicBool>>,
+    sent_whole: Option<Arc<body::Progress>>,
 }
 
 impl PoolReturn {
     /// Pools the connection if the request was sent whole; otherwise drops it, which closes
     /// it once hyper is done with the request.
     fn put(self) {
-        if self
-            .sent_whole
-            .as_ref()
-            .is_none_or(|done| done.load(Ordering::Acquire))
-        {
+        if self.sent_whole.as_ref().is_none_or(|sent| sent.ended()) {
             self.ep.state.pool.put_h1(self.sender);
         }
     }

@@ -424,6 +424,17 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &Hash
             );
         }
     }
+    for (j, u) in route.upgrade_configs.iter().enumerate() {
+        let at = path(p!["upgrade_configs", j, "upgrade_type"]);
+        if u.upgrade_type.is_empty() || u.upgrade_type.contains([' ', ',', '/']) {
+            out.add(at, "must be one protocol name, e.g. `websocket`");
+        } else if u.upgrade_type.eq_ignore_ascii_case("h2c") && u.enabled {
+            out.add(
+                at,
+                "h2c upgrades are never tunnelled (they would bypass routing); clients should use h2c with prior knowledge",
+            );
+        }
+    }
     if let Some(host) = &route.host_rewrite {
         if host.is_empty() || HeaderValue::from_str(host).is_err() || host.contains(['/', ' ']) {
             out.add(

@@ -6,6 +6,7 @@ mod cli;
 mod correctness;
 mod forwarding;
 mod grpc;
+mod hardening;
 mod limits;
 mod reload;
 mod resilience;
