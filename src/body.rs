@@ -36,6 +36,8 @@ pub fn incoming(body: hyper::body::Incoming) -> Body {
 pub struct Progress {
     ended: AtomicBool,
     failed: AtomicBool,
+    /// The last read found nothing yet: the reader is waiting on the body's sender.
+    waiting: AtomicBool,
 }
 
 impl Progress {
@@ -47,6 +49,12 @@ impl Progress {
     /// The body broke off; for a client's request body: the client went away mid-upload.
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    /// Not ended, and the reader is waiting for the sender's next bytes: for a client's
+    /// request body, the client is slow (or has paused a stream), not the reader.
+    pub fn waiting_on_sender(&self) -> bool {
+        !self.ended() && self.waiting.load(Ordering::Acquire)
     }
 }
 
@@ -75,6 +83,9 @@ impl HttpBody for Watched {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        self.progress
+            .waiting
+            .store(polled.is_pending(), Ordering::Release);
         let flag = match &polled {
             Poll::Ready(None) => Some(&self.progress.ended),
             // Readers stop polling once a body says it has ended.

@@ -245,6 +245,15 @@ impl Cluster {
     /// For `strict_dns`, the returned channel fires after the first resolution.
     pub fn start(self: &Arc<Self>) -> Option<tokio::sync::oneshot::Receiver<()>> {
         spawn_reaper(Arc::downgrade(self), self.idle_timeout);
+        if self.outlier.is_none() {
+            // Outlier detection was removed by a reload: nothing would ever close a breaker
+            // carried over. (Done here, once the new config is taking effect, not when it is
+            // compiled: a rejected reload must not touch the running endpoints.)
+            for ep in self.members().endpoints.iter() {
+                ep.state.breaker.reset(Instant::now());
+            }
+            self.rebuild_now();
+        }
         if let Some(cfg) = &self.health_check {
             health::spawn(Arc::downgrade(self), cfg.clone());
         }
@@ -282,10 +291,6 @@ impl Cluster {
                     .find(|e| e.address == address)
                     .map_or_else(Default::default, |e| e.state.clone());
                 state.adopt(&self.weak_self);
-                if self.outlier.is_none() {
-                    // Outlier detection was removed: nothing would ever close the breaker.
-                    state.breaker.reset(Instant::now());
-                }
                 Arc::new(Endpoint {
                     address,
                     weight,

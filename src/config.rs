@@ -18,6 +18,7 @@ use serde_yaml_ng::Value;
 
 use self::locate::{render_path, Pos, Seg, SourceMap};
 pub use self::raw::RawConfig;
+pub use self::validate::overlaps;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -83,9 +83,14 @@ async fn proxy(
 
     // 2. Route.
     let (mut parts, body) = req.into_parts();
-    // hyper enforces the header count on HTTP/1.1 only.
-    if parts.headers.len() > ctx.settings.max_request_headers_count {
-        return Err(ProxyError::TooManyHeaders);
+    // hyper enforces the header count on HTTP/1.1 only. HTTP/2 clients may split `cookie`
+    // into one field per pair (RFC 9113 §8.2.3): those count as the one header they are.
+    let max_headers = ctx.settings.max_request_headers_count;
+    if parts.headers.len() > max_headers {
+        let cookies = parts.headers.get_all(header::COOKIE).iter().count();
+        if parts.headers.len() - cookies.saturating_sub(1) > max_headers {
+            return Err(ProxyError::TooManyHeaders);
+        }
     }
     let settings = &ctx.settings;
     if (settings.normalize_path || settings.merge_slashes) && path::may_change(parts.uri.path()) {
@@ -169,14 +174,7 @@ async fn proxy(
                 idle_timeout: ctx.settings.idle_timeout,
                 connection: record.connection(),
             };
-            let handshake =
-                upgrade_exchange(&target, route, upstream_req, client_io, tunnel, record);
-            match target.deadline {
-                Some((at, limit)) => tokio::time::timeout_at(at, handshake)
-                    .await
-                    .map_err(|_| ProxyError::Timeout(limit))??,
-                None => handshake.await?,
-            }
+            upgrade_exchange(&target, route, upstream_req, client_io, tunnel, record).await?
         }
         None => send_with_retries(&target, route, upstream_req, record).await?,
     };
@@ -202,10 +200,11 @@ impl Target<'_> {
         self.upload.as_ref().is_some_and(|u| u.failed())
     }
 
-    /// The client has not finished sending its body: a timeout now is the client's pace,
-    /// not the upstream's slowness.
-    fn still_uploading(&self) -> bool {
-        self.upload.as_ref().is_some_and(|u| !u.ended())
+    /// The upstream is waiting for more of the client's body, which the client has not sent:
+    /// a timeout now is the client's pace, not the upstream's slowness. (An upstream that
+    /// stopped reading leaves the body read up to what the client sent: that one is charged.)
+    fn client_stalled(&self) -> bool {
+        self.upload.as_ref().is_some_and(|u| u.waiting_on_sender())
     }
 
     /// Picks an endpoint, preferring ones not in `avoid`, and notes it on the record.
@@ -216,9 +215,14 @@ impl Target<'_> {
                 .ok_or_else(|| ProxyError::NoHealthyUpstream {
                     cluster: self.cluster.name.clone(),
                 })?;
+        self.note(&pick, record);
+        Ok(pick)
+    }
+
+    /// Notes the endpoint an attempt goes to on the record (access log, in-flight count).
+    fn note(&self, pick: &Pick, record: &mut Record) {
         record.upstream = Some(pick.endpoint.address);
         record.track(pick.endpoint.clone());
-        Ok(pick)
     }
 }
 
@@ -255,6 +259,10 @@ async fn send_with_retries(
         let Some(reason) = failure.and_then(|f| policy.retriable(f, &parts.method)) else {
             return result;
         };
+        // A timeout that waited on the client would only wait on it again.
+        if matches!(failure, Some(Failure::Timeout)) && target.client_stalled() {
+            return result;
+        }
         if retry >= policy.num_retries {
             return result;
         }
@@ -271,16 +279,17 @@ async fn send_with_retries(
             return result;
         }
         // No endpoint left to retry on: the last answer stands.
-        let Ok(next) = target.pick(&tried, record) else {
+        let Some(next) = cluster.pick(target.hash, &tried) else {
             return result;
         };
         // The abandoned attempt's connection may still be uploading: it must stop reading
-        // the body now, or it could read past the replay buffer while the retry waits.
-        replay.retire_attempts();
-        if !replay.can_replay() {
+        // the body now, or it could read past the replay buffer while the retry waits. If it
+        // already has, the body cannot be sent again, and the answer goes back untouched.
+        if !replay.retire_if_replayable() {
             cluster.metrics.body_too_large.inc();
             return result;
         }
+        target.note(&next, record);
         pick = next;
         _retry_permit = Some(permit);
         cluster.metrics.retry(reason);
@@ -363,7 +372,7 @@ fn record_outcome(
         Err(_) if target.client_gone() => return Err(ProxyError::DownstreamDisconnect),
         // The time ran out while the client was still sending its body: nobody's fault the
         // upstream can be charged with.
-        Err(ProxyError::Timeout(_) | ProxyError::PerTryTimeout(_)) if target.still_uploading() => {}
+        Err(ProxyError::Timeout(_) | ProxyError::PerTryTimeout(_)) if target.client_stalled() => {}
         // Refused by remora's own breaker, or a request remora could not send as it was:
         // the upstream never saw it.
         Err(ProxyError::Upstream(UpstreamError::Overflow(_))) => {}
@@ -400,9 +409,32 @@ async fn upgrade_exchange(
 ) -> Result<Response<Body>, ProxyError> {
     let mut pick = target.pick(&[], record)?;
     let sent = Instant::now();
-    let result = upstream::send_upgrade(target.cluster, &pick.endpoint, req)
-        .await
-        .map_err(ProxyError::from);
+    let offered: Vec<String> = forward::upgrade_protocols(req.headers())
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let send = upstream::send_upgrade(target.cluster, &pick.endpoint, req);
+    // The route timeout bounds the handshake; a timeout is the upstream's, and recorded.
+    let result = match target.deadline {
+        Some((at, limit)) => match tokio::time::timeout_at(at, send).await {
+            Ok(r) => r.map_err(ProxyError::from),
+            Err(_) => Err(ProxyError::Timeout(limit)),
+        },
+        None => send.await.map_err(ProxyError::from),
+    };
+    // A 101 to a protocol the client did not offer, or the route does not allow, is the
+    // upstream breaking the protocol: a failure, answered 502.
+    let result = result.and_then(|(resp, slot)| {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && !upgrade_answer_allowed(route, &offered, &resp)
+        {
+            return Err(ProxyError::Upstream(UpstreamError::UnexpectedUpgrade {
+                addr: pick.endpoint.address,
+            }));
+        }
+        Ok((resp, slot))
+    });
     record_outcome(
         target,
         &mut pick,
@@ -411,11 +443,6 @@ async fn upgrade_exchange(
     )?;
     let (mut resp, upstream_slot) = result?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if !upgrade_answer_allowed(route, &resp) {
-            return Err(ProxyError::Upstream(UpstreamError::UnexpectedUpgrade {
-                addr: pick.endpoint.address,
-            }));
-        }
         let upstream_io = hyper::upgrade::on(&mut resp);
         tunnel::spawn(
             client_io,
@@ -430,16 +457,22 @@ async fn upgrade_exchange(
 
 /// Whether the protocol a `101` switches to is one the route allows (an upstream must not
 /// pick a protocol the client did not ask for, RFC 9110 §15.2.2).
-fn upgrade_answer_allowed(route: &Route, resp: &Response<Incoming>) -> bool {
+fn upgrade_answer_allowed(route: &Route, offered: &[String], resp: &Response<Incoming>) -> bool {
     forward::upgrade_protocols(resp.headers())
-        .map(|protocols| protocols.iter().all(|p| route.allows_upgrade(p)))
+        .map(|protocols| {
+            protocols.iter().all(|p| {
+                route.allows_upgrade(p) && offered.iter().any(|o| o.eq_ignore_ascii_case(p))
+            })
+        })
         .unwrap_or(false)
 }
 
 /// Replaces the URI's path with its normalized form (the query stays); the request is routed
 /// and forwarded with it.
 fn normalize_path(uri: &mut http::Uri, dots: bool, slashes: bool) -> Result<(), ProxyError> {
-    let Some(path) = path::normalize(uri.path(), dots, slashes) else {
+    let Some(path) = path::normalize(uri.path(), dots, slashes)
+        .map_err(|_| ProxyError::BadRequest("invalid percent-encoding in the path"))?
+    else {
         return Ok(());
     };
     let target = match uri.query() {

@@ -186,29 +186,14 @@ impl Reloader {
                 tracing::info!(source = trigger.label(), version, %hash, "config reloaded");
                 Outcome::Applied { version }
             }
-            Err(errors) => self.reject(trigger, hash, errors, true),
+            Err((errors, transient)) => self.reject(trigger, hash, errors, transient),
         }
     }
 
     /// Starts the new snapshot's clusters, binds its new listeners, swaps it in, then
     /// retargets kept listeners and drains removed ones.
-    async fn swap(&mut self, next: Snapshot) -> Result<u64, Vec<String>> {
-        let current = self.store.load();
-        let warmups: Vec<_> = next
-            .clusters
-            .iter()
-            .filter(|(name, c)| {
-                current
-                    .clusters
-                    .get(*name)
-                    .is_none_or(|old| !Arc::ptr_eq(old, c))
-            })
-            .filter_map(|(_, c)| c.start())
-            .collect();
-        for w in warmups {
-            let _ = tokio::time::timeout(DNS_WARMUP, w).await;
-        }
-
+    /// On failure: the errors, and whether they may pass (a retry could succeed).
+    async fn swap(&mut self, next: Snapshot) -> Result<u64, (Vec<String>, bool)> {
         // Pair each new listener with a running one: same name first, then same address.
         let mut old: Vec<Option<Listener>> = self.listeners.drain(..).map(Some).collect();
         let mut plan: Vec<Plan> = Vec::new();
@@ -240,6 +225,7 @@ impl Reloader {
         }
         // Bind every new address before changing anything; a failure changes nothing.
         let mut errors = Vec::new();
+        let mut permanent = false;
         let mut prepared: Vec<Option<Prepared>> = Vec::new();
         for p in &plan {
             match p {
@@ -247,7 +233,22 @@ impl Reloader {
                     match listener::prepare(settings.clone(), self.store.clone()).await {
                         Ok(ready) => prepared.push(Some(ready)),
                         Err(e) => {
-                            errors.push(e.to_string());
+                            // Held by one of our own listeners (a listener moved onto an
+                            // address overlapping one still bound), or refused for good
+                            // (permission, no such local address): trying again cannot help.
+                            let ours = old
+                                .iter()
+                                .flatten()
+                                .any(|l| config::overlaps(l.settings().address, settings.address));
+                            let fixed = ours || e.kind() != std::io::ErrorKind::AddrInUse;
+                            permanent |= fixed;
+                            let mut line = e.to_string();
+                            if ours {
+                                line.push_str(
+                                    " (it overlaps a running listener's address, which is released only after this reload: move the listener in two reloads)",
+                                );
+                            }
+                            errors.push(line);
                             prepared.push(None);
                         }
                     }
@@ -264,9 +265,26 @@ impl Reloader {
                 })
                 .chain(old.into_iter().flatten())
                 .collect();
-            return Err(errors);
+            return Err((errors, !permanent));
         }
 
+        // Only now, with every address bound, do the new clusters start (health checks, DNS,
+        // carried-over state): a reload that fails must leave no trace on shared endpoints.
+        let current = self.store.load();
+        let warmups: Vec<_> = next
+            .clusters
+            .iter()
+            .filter(|(name, c)| {
+                current
+                    .clusters
+                    .get(*name)
+                    .is_none_or(|old| !Arc::ptr_eq(old, c))
+            })
+            .filter_map(|(_, c)| c.start())
+            .collect();
+        for w in warmups {
+            let _ = tokio::time::timeout(DNS_WARMUP, w).await;
+        }
         let version = next.version;
         self.store.store(next);
         for (p, ready) in plan.into_iter().zip(prepared) {

@@ -241,9 +241,15 @@ impl Replay {
         !self.shared.lock().expect("replay lock").overflow
     }
 
-    /// Stops every attempt's body: an abandoned attempt's connection must not read on.
-    pub fn retire_attempts(&self) {
-        self.shared.lock().expect("replay lock").attempt += 1;
+    /// If the body can still be sent again whole, stops every attempt's body (an abandoned
+    /// attempt's connection must not read on) and says so; otherwise changes nothing.
+    pub fn retire_if_replayable(&self) -> bool {
+        let mut s = self.shared.lock().expect("replay lock");
+        if s.overflow {
+            return false;
+        }
+        s.attempt += 1;
+        true
     }
 
     /// A body for the next attempt; every earlier attempt's body stops.

@@ -101,7 +101,7 @@ pub fn validate(raw: &RawConfig) -> Vec<Problem> {
 /// Whether binding both addresses must fail: the same port (not 0, which picks a free one)
 /// on the same IP, on a wildcard and any IP of its family, or on `[::]` and any IPv4 one
 /// (a dual-stack socket); an IPv4-mapped IPv6 address is its IPv4 address.
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     use std::net::IpAddr;
     if a.port() == 0 || a.port() != b.port() {
         return false;

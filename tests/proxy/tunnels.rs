@@ -766,3 +766,41 @@ async fn requests_refused_by_an_upstream_goaway_are_resent() {
         "each request processed exactly once"
     );
 }
+
+/// A WebSocket handshake the upstream never answers ends at the route timeout (504), and
+/// that outcome is recorded: after `consecutive_5xx` of them the endpoint is ejected, as it
+/// would be for plain requests.
+#[tokio::test]
+async fn handshakes_that_time_out_count_against_the_endpoint() {
+    // Accepts and never answers.
+    let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = socket.accept().await {
+            held.push(s);
+        }
+    });
+    let p = proxy(&ws_config(
+        "",
+        ", timeout: 200ms",
+        ", outlier_detection: { consecutive_5xx: 2, base_ejection_time: 30s, max_ejection_percent: 100 }",
+        port,
+    ))
+    .await;
+    for _ in 0..2 {
+        let answer = exchange(
+            p.addr,
+            "GET /chat HTTP/1.1\r\nhost: svc\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            |t| t.contains("\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 504"), "{answer:?}");
+    }
+    let listing = get(&client(), p.admin, "a", "/clusters", &[]).await.body;
+    let listing: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        listing["clusters"][0]["endpoints"][0]["breaker"], "open",
+        "{listing}"
+    );
+}
