@@ -82,6 +82,7 @@ impl App {
             source: source.name(),
             hash: config_hash(text),
         };
+        let xds = raw.xds.clone().map(|x| (x, raw.clone()));
         let snapshot = compile(raw, origin, &metrics, None);
         let warmups: Vec<_> = snapshot
             .clusters
@@ -118,6 +119,8 @@ impl App {
                 ConfigSource::File(p) => Some(p.clone()),
                 ConfigSource::Inline(_) => None,
             },
+            static_text: (text.to_string(), source.name()),
+            dynamic: None,
             addresses: addresses_tx,
         };
         let mut ready_addresses = addresses.clone();
@@ -131,7 +134,13 @@ impl App {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         metrics.config_last_success.set(now.as_secs_f64());
-        admin.ready.store(true, Ordering::Relaxed);
+        match xds {
+            // Ready once the control plane's first complete config is in force.
+            Some((xds, raw)) => {
+                crate::discovery::spawn(&raw, &xds, control.clone(), metrics.clone(), admin.clone())
+            }
+            None => admin.ready.store(true, Ordering::Relaxed),
+        }
         Ok(App {
             store,
             metrics,

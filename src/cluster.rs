@@ -229,7 +229,7 @@ impl Cluster {
                 .collect();
             cluster.set_endpoints(carried);
         }
-        if raw.discovery == DiscoveryType::Static {
+        if matches!(raw.discovery, DiscoveryType::Static | DiscoveryType::Eds) {
             let addrs = raw
                 .endpoints
                 .iter()

@@ -10,6 +10,7 @@ pub mod locate;
 pub mod raw;
 mod validate;
 pub mod watch;
+pub mod xds;
 
 use std::fmt;
 use std::path::Path;
@@ -88,6 +89,17 @@ pub fn load_file(path: &Path) -> Result<(RawConfig, String), ConfigErrors> {
 
 /// Parses and validates config text; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigErrors> {
+    parse_with(text, file, None)
+}
+
+/// Parses config text, adds the resources a control plane sent (`dynamic`), and validates
+/// the whole: a name defined both ways is an error. Problems in dynamic resources are
+/// reported as `<xds>` with the resource's name.
+pub fn parse_with(
+    text: &str,
+    file: &str,
+    dynamic: Option<&xds::Dynamic>,
+) -> Result<RawConfig, ConfigErrors> {
     let at = |pos: Option<Pos>, path: &[Seg], message: String, did_you_mean: Option<String>| {
         ConfigError {
             file: file.to_string(),
@@ -158,17 +170,49 @@ pub fn parse(text: &str, file: &str) -> Result<RawConfig, ConfigErrors> {
         }
         return Err(ConfigErrors(errors));
     }
+    let mut raw = raw;
+    let statics = [
+        raw.listeners.len(),
+        raw.route_configs.len(),
+        raw.clusters.len(),
+    ];
+    if let Some(d) = dynamic {
+        raw.listeners.extend(d.listeners.iter().cloned());
+        raw.route_configs.extend(d.route_configs.iter().cloned());
+        raw.clusters.extend(d.clusters.iter().cloned());
+    }
     let problems = validate::validate(&raw);
     if problems.is_empty() {
-        Ok(raw)
-    } else {
-        Err(ConfigErrors(
-            problems
-                .into_iter()
-                .map(|p| at(source.locate(&p.path), &p.path, p.message, p.did_you_mean))
-                .collect(),
-        ))
+        return Ok(raw);
     }
+    // Which dynamic resource a problem is in, if it is in one.
+    let from_xds = |path: &[Seg]| -> Option<String> {
+        let (Some(Seg::Key(list)), Some(Seg::Index(i))) = (path.first(), path.get(1)) else {
+            return None;
+        };
+        let (kind, name) = match list.as_str() {
+            "listeners" if *i >= statics[0] => ("listener", &raw.listeners[*i].name),
+            "route_configs" if *i >= statics[1] => ("route config", &raw.route_configs[*i].name),
+            "clusters" if *i >= statics[2] => ("cluster", &raw.clusters[*i].name),
+            _ => return None,
+        };
+        Some(format!("{kind} `{name}`"))
+    };
+    Err(ConfigErrors(
+        problems
+            .into_iter()
+            .map(|p| match from_xds(&p.path) {
+                Some(resource) => ConfigError {
+                    file: "<xds>".into(),
+                    pos: None,
+                    path: render_path(&p.path),
+                    message: format!("{resource}: {}", p.message),
+                    did_you_mean: p.did_you_mean,
+                },
+                None => at(source.locate(&p.path), &p.path, p.message, p.did_you_mean),
+            })
+            .collect(),
+    ))
 }
 
 fn segments(path: &serde_path_to_error::Path) -> Vec<Seg> {

@@ -47,6 +47,16 @@ enum Command {
     },
     /// Run remora with demo upstreams on loopback; needs nothing else.
     Demo,
+    /// Serve remora YAML as xDS (ADS) to remora sidecars and to Envoy.
+    ControlPlane {
+        /// A YAML file (served to every node), or a directory of them (`<node.cluster>.yaml`,
+        /// else `default.yaml`).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// `ip:port` to serve ADS on (h2c gRPC).
+        #[arg(long, default_value = "127.0.0.1:18000")]
+        address: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +91,18 @@ fn main() -> ExitCode {
             })
         }
         Command::Demo => run_async(remora::workers::default_workers(), remora::demo::run()),
+        Command::ControlPlane { config, address } => {
+            run_async(remora::workers::default_workers(), async move {
+                remora::control_plane::start(&config, address).await?;
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut term = signal(SignalKind::terminate())?;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                Ok(())
+            })
+        }
     }
 }
 

@@ -47,6 +47,12 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `remora_config_last_reload_success_timestamp_seconds`.
     pub config_last_success: prometheus::Gauge,
+    /// `remora_xds_connected`: 1 while the ADS stream is up.
+    pub xds_connected: prometheus::IntGauge,
+    /// `remora_xds_updates_total{type,result}`: responses ACKed or NACKed.
+    pub xds_updates: IntCounterVec,
+    /// `remora_xds_last_update_timestamp_seconds{type}`: when a type was last accepted.
+    pub xds_last_update: prometheus::GaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -81,7 +87,32 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(config_last_success.clone()))
             .expect("unique metric");
+        let xds_connected = prometheus::IntGauge::new(
+            "remora_xds_connected",
+            "1 while the stream to the xDS control plane is up, else 0.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(xds_connected.clone()))
+            .expect("unique metric");
+        let xds_last_update = prometheus::GaugeVec::new(
+            Opts::new(
+                "remora_xds_last_update_timestamp_seconds",
+                "Unix time the last update of each xDS type was accepted.",
+            ),
+            &["type"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(xds_last_update.clone()))
+            .expect("unique metric");
         let m = Metrics {
+            xds_connected,
+            xds_last_update,
+            xds_updates: counter(
+                &r,
+                "remora_xds_updates_total",
+                "xDS responses answered, by type (lds, rds, cds, eds) and result (ack, nack).",
+                &["type", "result"],
+            ),
             downstream_requests: counter(
                 &r,
                 "remora_downstream_requests_total",
@@ -187,14 +218,14 @@ impl Metrics {
             config_reloads: counter(
                 &r,
                 "remora_config_reloads_total",
-                "Config loads attempted, by source (startup, file, signal, api) and result.",
+                "Config loads attempted, by source (startup, file, signal, api, xds) and result.",
                 &["source", "result"],
             ),
             config_last_success,
             registry: r,
         };
         // Every reload series exists from the start, so rate() and alerts see a zero.
-        for source in ["startup", "file", "signal", "api"] {
+        for source in ["startup", "file", "signal", "api", "xds"] {
             for result in ["success", "failure"] {
                 m.config_reloads.with_label_values(&[source, result]);
             }

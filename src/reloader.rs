@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::admin::AdminState;
 use crate::config::compile::{compile, Origin};
 use crate::config::locate::{Seg, SourceMap};
+use crate::config::xds::Dynamic;
 use crate::config::{self, ConfigError, RawConfig};
 use crate::listener::{self, Listener, Prepared};
 use crate::metrics::Metrics;
@@ -31,8 +32,10 @@ pub enum Trigger {
     File,
     /// SIGHUP.
     Signal,
-    /// Config pushed by a caller (xDS, tests).
+    /// Config pushed by a caller (tests, the API).
     Api,
+    /// Resources from the control plane.
+    Xds,
 }
 
 impl Trigger {
@@ -41,6 +44,7 @@ impl Trigger {
             Trigger::File => "file",
             Trigger::Signal => "signal",
             Trigger::Api => "api",
+            Trigger::Xds => "xds",
         }
     }
 }
@@ -78,6 +82,11 @@ pub(crate) enum Command {
         text: Option<(String, String)>,
         reply: oneshot::Sender<Outcome>,
     },
+    /// New resources from the control plane, to apply with the static config in force.
+    Dynamic {
+        dynamic: Dynamic,
+        reply: oneshot::Sender<Outcome>,
+    },
     Shutdown {
         timeout: Duration,
         reply: oneshot::Sender<usize>,
@@ -90,6 +99,10 @@ pub(crate) struct Reloader {
     pub admin: Arc<AdminState>,
     pub listeners: Vec<Listener>,
     pub file: Option<PathBuf>,
+    /// The static config text in force and its name (dynamic resources are added to it).
+    pub static_text: (String, String),
+    /// The resources from the control plane in force, if any.
+    pub dynamic: Option<Dynamic>,
     /// Bound addresses by listener name, for callers that bind port 0.
     pub addresses: watch::Sender<HashMap<String, SocketAddr>>,
 }
@@ -104,7 +117,12 @@ impl Reloader {
                     text,
                     reply,
                 } => {
-                    let outcome = self.reload(trigger, text).await;
+                    let outcome = self.reload(trigger, text, None).await;
+                    let _ = reply.send(outcome);
+                }
+                Command::Dynamic { dynamic, reply } => {
+                    let text = Some(self.static_text.clone());
+                    let outcome = self.reload(Trigger::Xds, text, Some(dynamic)).await;
                     let _ = reply.send(outcome);
                 }
                 Command::Shutdown { timeout, reply } => {
@@ -124,7 +142,13 @@ impl Reloader {
         }
     }
 
-    async fn reload(&mut self, trigger: Trigger, text: Option<(String, String)>) -> Outcome {
+    /// Applies `text` (or the file) with `dynamic` (or the dynamic resources in force).
+    async fn reload(
+        &mut self,
+        trigger: Trigger,
+        text: Option<(String, String)>,
+        dynamic: Option<Dynamic>,
+    ) -> Outcome {
         let (text, name) = match text {
             Some(t) => t,
             None => match &self.file {
@@ -138,16 +162,21 @@ impl Reloader {
                 },
             },
         };
-        let hash = crate::app::config_hash(&text);
+        let dynamic = dynamic.or_else(|| self.dynamic.clone());
+        let hash = match &dynamic {
+            None => crate::app::config_hash(&text),
+            Some(d) => crate::app::config_hash(&format!("{text}\n# xds\n{d:?}")),
+        };
         let current = self.store.load();
         if hash == current.hash {
             tracing::debug!(source = trigger.label(), "config unchanged; not reloading");
             return Outcome::Unchanged;
         }
+        let applied_static = (text.clone(), name.clone());
         // Parse, validate and compile cannot take the reloader down: a panic there (a bug)
         // rejects this config and leaves the running one, and the reloader, in place.
         let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let raw = config::parse(&text, &name)
+            let raw = config::parse_with(&text, &name, dynamic.as_ref())
                 .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
             let restart = needs_restart(&current, &raw, &text, &name);
             if !restart.is_empty() {
@@ -175,6 +204,8 @@ impl Reloader {
         };
         match self.swap(next).await {
             Ok(version) => {
+                self.static_text = applied_static;
+                self.dynamic = dynamic;
                 self.metrics
                     .config_reloads
                     .with_label_values(&[trigger.label(), "success"])
@@ -389,6 +420,12 @@ fn needs_restart(current: &Snapshot, next: &RawConfig, text: &str, file: &str) -
                 "changing the admin server's limits needs a restart".to_string(),
             );
         }
+    }
+    if current.raw.xds != next.xds || current.raw.node != next.node {
+        complain(
+            vec![Seg::Key("xds".into())],
+            "changing `xds` or `node` needs a restart".to_string(),
+        );
     }
     if current.raw.workers != next.workers {
         let show = |w: Option<usize>| w.map_or("default".to_string(), |w| w.to_string());

@@ -25,6 +25,13 @@ pub struct RawConfig {
     /// Graceful shutdown timing.
     #[serde(default)]
     pub shutdown: Option<RawShutdown>,
+    /// Who this sidecar is, as sent to the control plane. Default: id = the hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<RawNode>,
+    /// The control plane (xDS ADS) that adds listeners, route configs and clusters to the
+    /// ones in this file. Default: none. Changing it needs a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xds: Option<RawXds>,
     /// Where remora accepts connections.
     #[serde(default)]
     pub listeners: Vec<RawListener>,
@@ -34,6 +41,31 @@ pub struct RawConfig {
     /// Upstream services, referenced by routes by name.
     #[serde(default)]
     pub clusters: Vec<RawCluster>,
+}
+
+/// The node identity sent on the xDS stream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    /// Unique per sidecar. Default: the hostname (the pod name in Kubernetes).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The service this sidecar belongs to; `remora control-plane` serving a directory
+    /// serves `<cluster>.yaml` to it. Default: empty.
+    #[serde(default)]
+    pub cluster: Option<String>,
+}
+
+/// Where the control plane is.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawXds {
+    /// `host:port` of the control plane, spoken to as h2c gRPC (ADS).
+    pub address: String,
+    /// `/ready` waits this long for the first complete config from the control plane, then
+    /// says ready with what it has. Default `15s`.
+    #[serde(default)]
+    pub initial_fetch_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -359,6 +391,10 @@ pub enum DiscoveryType {
     /// Endpoints are `host:port`, resolved every `dns_refresh_rate`; every address answered
     /// becomes an endpoint with the configured weight. A failed lookup keeps the last answer.
     StrictDns,
+    /// Endpoints come from the control plane (xDS EDS, a ClusterLoadAssignment named after
+    /// the cluster). In a file served by `remora control-plane`, `endpoints` are what it
+    /// serves; at the sidecar they are the last assignment received (`ip:port` each).
+    Eds,
 }
 
 /// How a cluster picks an endpoint for a request.

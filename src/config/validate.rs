@@ -68,6 +68,18 @@ pub fn validate(raw: &RawConfig) -> Vec<Problem> {
             out.add(p!["admin", "address"], bad_socket(&admin.address));
         }
     }
+    if let Some(x) = &raw.xds {
+        let ok = x
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            out.add(
+                p!["xds", "address"],
+                format!("`{}` is not a `host:port` address", x.address),
+            );
+        }
+    }
     if let Some(w) = raw.workers {
         if !(1..=1024).contains(&w) {
             out.add(p!["workers"], "must be between 1 and 1024");
@@ -140,11 +152,11 @@ fn unique_names<'a>(
 }
 
 fn check_listeners(out: &mut Problems, raw: &RawConfig, route_names: &HashSet<&str>) {
-    if raw.listeners.is_empty() {
+    if raw.listeners.is_empty() && raw.xds.is_none() {
         // An empty or truncated file must not reload into a sidecar that listens nowhere.
         out.add(
             p!["listeners"],
-            "at least one listener is required (an empty config would stop all traffic)",
+            "at least one listener is required (an empty config would stop all traffic), unless `xds` brings them",
         );
     }
     // Every address that will be bound, the admin server's first: two that overlap cannot
@@ -638,7 +650,8 @@ fn check_resilience(out: &mut Problems, i: usize, c: &RawCluster) {
 
 fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster) {
     check_resilience(out, i, c);
-    if c.endpoints.is_empty() {
+    // An EDS cluster may have no endpoint yet (its assignment can be empty): it answers 503.
+    if c.endpoints.is_empty() && c.discovery != DiscoveryType::Eds {
         out.add(
             p!["clusters", i, "endpoints"],
             "needs at least one endpoint",
@@ -648,7 +661,7 @@ fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster) {
     for (e, ep) in c.endpoints.iter().enumerate() {
         let at = p!["clusters", i, "endpoints", e, "address"];
         match c.discovery {
-            DiscoveryType::Static => {
+            DiscoveryType::Static | DiscoveryType::Eds => {
                 if ep.address.parse::<SocketAddr>().is_err() {
                     out.add(at.clone(), bad_socket(&ep.address));
                 }

@@ -14,3 +14,4 @@ mod routing;
 mod streaming;
 mod support;
 mod tunnels;
+mod xds;

@@ -1,0 +1,223 @@
+//! xDS: remora under `remora control-plane` (in process and as a real process), NACKs for
+//! resources it cannot take, and the YAML → xDS → YAML round trip.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use remora::app::{App, ConfigSource};
+use remora::config::xds::{from_envoy, to_envoy};
+
+use crate::support::*;
+
+/// A served config: listener `main` on `listen`, every request to cluster `target`, and
+/// clusters `a` (static) and `b` (EDS) on the given ports.
+fn served(listen: SocketAddr, target: &str, a: u16, b: u16) -> String {
+    format!(
+        "listeners:\n  - {{ name: main, address: \"{listen}\", route_config: rc }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: {target} }}] }}\n\
+         clusters:\n  - {{ name: a, endpoints: [{{ address: \"127.0.0.1:{a}\" }}] }}\n\
+         \x20 - {{ name: b, type: eds, endpoints: [{{ address: \"127.0.0.1:{b}\" }}] }}\n"
+    )
+}
+
+/// A sidecar whose only config is the control plane's address.
+async fn sidecar(control_plane: SocketAddr) -> App {
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: test-sidecar, cluster: shop }}\n\
+         xds: {{ address: \"{control_plane}\", initial_fetch_timeout: 10s }}\n"
+    );
+    let raw = remora::config::parse(&yaml, "sidecar.yaml").unwrap_or_else(|e| panic!("{e}"));
+    App::start(raw, ConfigSource::Inline("sidecar.yaml".into()), &yaml)
+        .await
+        .unwrap()
+}
+
+/// Polls `addr` until a GET answers with `want` from the upstream (up to `limit`).
+async fn until_served_by(addr: SocketAddr, want: &str, limit: Duration) {
+    let cl = client();
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < limit {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            let r = get(&cl, addr, "svc", "/", &[]).await;
+            if r.status == 200 && r.body == want {
+                return;
+            }
+            last = format!("{} {}", r.status, r.body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not served by `{want}` within {limit:?}; last answer: {last}");
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("remora-xds-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The control plane serves a YAML file; the sidecar, configured with nothing but the
+/// control plane's address, gets its listener, routes and clusters (one of them by EDS),
+/// becomes ready, routes as the YAML says, and follows an edit.
+#[tokio::test]
+async fn a_sidecar_follows_the_control_plane() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let listen = free_address();
+    let dir = temp_dir("follow");
+    let path = dir.join("default.yaml");
+    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
+    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let app = sidecar(cp.address).await;
+    let admin = app.admin_address;
+    wait_ready(admin).await;
+    until_served_by(listen, "a", Duration::from_secs(5)).await;
+    // The edit: every request to the EDS cluster `b`.
+    std::fs::write(&path, served(listen, "b", a.port(), b.port())).unwrap();
+    until_served_by(listen, "b", Duration::from_secs(8)).await;
+    assert_eq!(metric(admin, "remora_xds_connected").await, 1.0);
+    assert!(
+        metric(
+            admin,
+            "remora_xds_updates_total{result=\"ack\",type=\"rds\"}"
+        )
+        .await
+            >= 2.0
+    );
+    assert_eq!(cp.cache.nacks.load(std::sync::atomic::Ordering::Relaxed), 0);
+    cp.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The control plane as a real process: killed, the sidecar keeps serving what it has;
+/// started again (with a changed config), the sidecar reconnects and converges.
+#[tokio::test]
+async fn a_sidecar_outlives_its_control_plane_and_reconnects() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let listen = free_address();
+    let cp_address = free_address();
+    let dir = temp_dir("outlive");
+    let path = dir.join("cp.yaml");
+    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
+    let start_cp = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_remora"))
+            .args(["control-plane", "-c"])
+            .arg(&path)
+            .args(["--address", &cp_address.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut cp = start_cp();
+    let app = sidecar(cp_address).await;
+    wait_ready(app.admin_address).await;
+    until_served_by(listen, "a", Duration::from_secs(5)).await;
+
+    cp.kill().unwrap();
+    cp.wait().unwrap();
+    let cl = client();
+    for _ in 0..20 {
+        let r = get(&cl, listen, "svc", "/", &[]).await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "a"));
+    }
+    let mut down = 1.0;
+    for _ in 0..100 {
+        down = metric(app.admin_address, "remora_xds_connected").await;
+        if down == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        down, 0.0,
+        "remora_xds_connected after the control plane died"
+    );
+
+    std::fs::write(&path, served(listen, "b", a.port(), b.port())).unwrap();
+    let mut cp = start_cp();
+    until_served_by(listen, "b", Duration::from_secs(15)).await;
+    cp.kill().unwrap();
+    cp.wait().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Resources remora cannot take are NACKed with the reason, and traffic stays as it was.
+#[tokio::test]
+async fn an_unsupported_resource_is_nacked_and_traffic_is_unchanged() {
+    use remora_xds::envoy_types::pb::envoy::config::listener::v3::ListenerFilter;
+    use remora_xds::server::{AdsServer, Cache, Snapshot};
+    use std::sync::Arc;
+
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let listen = free_address();
+    let good = remora::config::parse(&served(listen, "a", a.port(), b.port()), "good.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cache = Arc::new(Cache::default());
+    cache.set("default", Snapshot::new(&to_envoy(&good)).unwrap());
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_address = socket.local_addr().unwrap();
+    let group: remora_xds::server::GroupOf = Arc::new(|_| "default".to_string());
+    tokio::spawn(remora_xds::server::serve(
+        socket,
+        AdsServer::new(cache.clone(), group),
+    ));
+    let app = sidecar(cp_address).await;
+    wait_ready(app.admin_address).await;
+    until_served_by(listen, "a", Duration::from_secs(5)).await;
+
+    // A listener filter: remora has none, and ignoring it would change behaviour.
+    let mut bad = to_envoy(&good);
+    bad.listeners[0].listener_filters.push(ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        ..Default::default()
+    });
+    cache.set("default", Snapshot::new(&bad).unwrap());
+    let started = Instant::now();
+    while cache.nacks.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no NACK");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(
+            app.admin_address,
+            "remora_xds_updates_total{result=\"nack\",type=\"lds\"}"
+        )
+        .await,
+        1.0
+    );
+    let cl = client();
+    for _ in 0..10 {
+        let r = get(&cl, listen, "svc", "/", &[]).await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "a"));
+    }
+}
+
+/// YAML → xDS → YAML is the identity for every example config.
+#[test]
+fn every_example_config_survives_the_round_trip() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        // demo.yaml is a template whose ports the demo fills in.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("{{V1_PORT}}", "18081")
+            .replace("{{V2_PORT}}", "18082");
+        let raw = remora::config::parse(&text, &path.display().to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let back =
+            from_envoy(&to_envoy(&raw)).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        assert_eq!(back.listeners, raw.listeners, "{}", path.display());
+        assert_eq!(back.route_configs, raw.route_configs, "{}", path.display());
+        assert_eq!(back.clusters, raw.clusters, "{}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} example configs");
+}
