@@ -225,6 +225,11 @@ impl Metrics {
             registry: r,
         };
         // Every reload series exists from the start, so rate() and alerts see a zero.
+        for kind in ["lds", "rds", "cds", "eds"] {
+            for result in ["ack", "nack"] {
+                m.xds_updates.with_label_values(&[kind, result]);
+            }
+        }
         for source in ["startup", "file", "signal", "api", "xds"] {
             for result in ["success", "failure"] {
                 m.config_reloads.with_label_values(&[source, result]);

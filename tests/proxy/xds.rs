@@ -221,3 +221,161 @@ fn every_example_config_survives_the_round_trip() {
     }
     assert!(checked >= 3, "only {checked} example configs");
 }
+
+/// Only an EDS assignment changes (the endpoint moves from one upstream to another) while
+/// requests flow: not one fails, and the traffic moves.
+#[tokio::test]
+async fn an_eds_only_change_under_load_fails_no_request() {
+    let (a, b1, b2) = (
+        Upstream::start("a").await,
+        Upstream::start("b1").await,
+        Upstream::start("b2").await,
+    );
+    let listen = free_address();
+    let dir = temp_dir("eds-load");
+    let path = dir.join("default.yaml");
+    std::fs::write(&path, served(listen, "b", a.port(), b1.port())).unwrap();
+    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let app = sidecar(cp.address).await;
+    wait_ready(app.admin_address).await;
+    until_served_by(listen, "b1", Duration::from_secs(5)).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let cl = client();
+                let (mut sent, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 5000 {
+                    let r = get(&cl, listen, "svc", "/", &[]).await;
+                    if r.status != 200 {
+                        failed.push(format!("{} {}", r.status, r.body));
+                    }
+                    sent += 1;
+                }
+                (sent, failed)
+            })
+        })
+        .collect();
+    std::fs::write(&path, served(listen, "b", a.port(), b2.port())).unwrap();
+    let started = Instant::now();
+    while b2.hits() < 50 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "traffic never moved to b2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for task in load {
+        let (sent, failed) = task.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        total += sent;
+    }
+    assert!(total > 100, "only {total} requests sent");
+    cp.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A served file edited into something invalid is refused by the control plane with located
+/// errors; the last good snapshot keeps being served, and the sidecar keeps its config.
+#[tokio::test]
+async fn an_invalid_served_file_keeps_the_last_good_snapshot() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let listen = free_address();
+    let dir = temp_dir("invalid");
+    let path = dir.join("default.yaml");
+    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
+    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let app = sidecar(cp.address).await;
+    wait_ready(app.admin_address).await;
+    until_served_by(listen, "a", Duration::from_secs(5)).await;
+    let before = metric(
+        app.admin_address,
+        "remora_xds_updates_total{result=\"ack\",type=\"rds\"}",
+    )
+    .await;
+    // An unknown cluster: `remora validate` would refuse it.
+    std::fs::write(&path, served(listen, "nosuch", a.port(), b.port())).unwrap();
+    // Then a valid edit: the sidecar gets it, so the invalid one was skipped, not queued.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cl = client();
+    for _ in 0..10 {
+        let r = get(&cl, listen, "svc", "/", &[]).await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "a"));
+    }
+    assert_eq!(
+        metric(
+            app.admin_address,
+            "remora_xds_updates_total{result=\"ack\",type=\"rds\"}"
+        )
+        .await,
+        before,
+        "an invalid file was pushed"
+    );
+    std::fs::write(&path, served(listen, "b", a.port(), b.port())).unwrap();
+    until_served_by(listen, "b", Duration::from_secs(8)).await;
+    cp.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A dynamic resource with the name of a static one is refused (NACK), and the static one
+/// stays in force.
+#[tokio::test]
+async fn a_name_defined_statically_and_by_the_control_plane_is_nacked() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let listen = free_address();
+    let dir = temp_dir("both");
+    let path = dir.join("default.yaml");
+    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
+    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // The sidecar defines cluster `a` itself (pointing at `b`'s upstream).
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: both }}\n\
+         xds: {{ address: \"{}\", initial_fetch_timeout: 2s }}\n\
+         clusters:\n  - {{ name: a, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
+        cp.address,
+        b.port()
+    );
+    let raw = remora::config::parse(&yaml, "sidecar.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let app = App::start(raw, ConfigSource::Inline("sidecar.yaml".into()), &yaml)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while metric(
+        app.admin_address,
+        "remora_xds_updates_total{result=\"nack\",type=\"cds\"}",
+    )
+    .await
+        < 1.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the duplicate cluster was not NACKed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let config = get(&client(), app.admin_address, "a", "/config", &[])
+        .await
+        .body;
+    assert!(
+        config.contains(&format!("127.0.0.1:{}", b.port()))
+            && !config.contains(&format!("127.0.0.1:{}", a.port())),
+        "the static cluster `a` must stay as defined:\n{config}"
+    );
+    cp.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
