@@ -3,6 +3,7 @@
 //! clusters reference are subscribed to as they change.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -68,6 +69,7 @@ pub(crate) fn spawn(
         metrics,
         admin,
         subscriptions: subscriptions_tx,
+        cache_file: xds.cache_file.as_ref().map(PathBuf::from),
     };
     tokio::spawn(feed.run(events));
 }
@@ -90,10 +92,13 @@ struct Feed {
     metrics: Arc<Metrics>,
     admin: Arc<AdminState>,
     subscriptions: watch::Sender<Subscriptions>,
+    /// Where accepted resources are kept for the next start.
+    cache_file: Option<PathBuf>,
 }
 
 impl Feed {
     async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+        self.load_cache().await;
         while let Some(event) = events.recv().await {
             match event {
                 Event::Connected(up) => self.metrics.xds_connected.set(up as i64),
@@ -126,6 +131,44 @@ impl Feed {
         }
     }
 
+    /// Serves the resources a previous run accepted, before the control plane answers (a
+    /// restart while it is down). A cache that cannot be read or applied is ignored.
+    async fn load_cache(&mut self) {
+        let Some(path) = self.cache_file.clone() else {
+            return;
+        };
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let cached = match Resources::from_bytes(&bytes) {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "xDS cache not used");
+                return;
+            }
+        };
+        match self.install(cached).await {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "serving the cached xDS config until the control plane answers");
+                self.admin.ready.store(true, Ordering::Relaxed);
+            }
+            Err(error) => tracing::warn!(path = %path.display(), %error, "xDS cache not applied"),
+        }
+    }
+
+    /// Writes the accepted resources to the cache file (atomically: a crash leaves the old).
+    fn save_cache(&self) {
+        let Some(path) = &self.cache_file else {
+            return;
+        };
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, self.accepted.to_bytes())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "cannot write the xDS cache");
+        }
+    }
+
     /// Applies one type's new state of the world with the rest as accepted; on success it
     /// becomes the accepted state and the subscriptions follow it.
     async fn apply(
@@ -135,6 +178,18 @@ impl Feed {
     ) -> Result<(), String> {
         let mut next = self.accepted.clone();
         next.decode_into(kind, resources)?;
+        self.install(next).await?;
+        self.applied.insert(kind);
+        if self.applied.contains(&TypeUrl::Listener) && self.applied.contains(&TypeUrl::Cluster) {
+            self.admin.ready.store(true, Ordering::Relaxed);
+        }
+        self.save_cache();
+        Ok(())
+    }
+
+    /// Puts `next` in force through the reloader; on success it is the accepted state and
+    /// the subscriptions follow it.
+    async fn install(&mut self, next: Resources) -> Result<(), String> {
         // Warming, as Envoy: a listener waits for its route config (it is left out until it
         // arrives rather than refused).
         let routes: BTreeSet<&str> = next.route_configs.iter().map(|r| r.name.as_str()).collect();
@@ -156,11 +211,7 @@ impl Feed {
             Err(_) => return Err("remora is shutting down".into()),
         }
         self.accepted = next;
-        self.applied.insert(kind);
         self.subscriptions.send_replace(wanted(&self.accepted));
-        if self.applied.contains(&TypeUrl::Listener) && self.applied.contains(&TypeUrl::Cluster) {
-            self.admin.ready.store(true, Ordering::Relaxed);
-        }
         Ok(())
     }
 }

@@ -66,6 +66,10 @@ pub struct RawXds {
     /// says ready with what it has. Default `15s`.
     #[serde(default)]
     pub initial_fetch_timeout: Option<Dur>,
+    /// Where the last accepted resources are kept, so that a restart while the control plane
+    /// is down serves them at once. Default: none.
+    #[serde(default)]
+    pub cache_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -379,3 +379,48 @@ async fn a_name_defined_statically_and_by_the_control_plane_is_nacked() {
     cp.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// With `cache_file`, a sidecar restarted while the control plane is down serves the config
+/// it last accepted (Envoy cannot).
+#[tokio::test]
+async fn a_restart_with_a_cache_file_serves_while_the_control_plane_is_down() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let listen = free_address();
+    let dir = temp_dir("cache");
+    let path = dir.join("default.yaml");
+    std::fs::write(&path, served(listen, "b", a.port(), b.port())).unwrap();
+    let cache = dir.join("xds-cache.bin");
+    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let cp_address = cp.address;
+    let start = || {
+        let yaml = format!(
+            "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: cached }}\n\
+             xds: {{ address: \"{cp_address}\", initial_fetch_timeout: 30s, cache_file: \"{}\" }}\n",
+            cache.display()
+        );
+        let raw = remora::config::parse(&yaml, "sidecar.yaml").unwrap_or_else(|e| panic!("{e}"));
+        async move {
+            App::start(raw, ConfigSource::Inline("sidecar.yaml".into()), &yaml)
+                .await
+                .unwrap()
+        }
+    };
+    let first = start().await;
+    wait_ready(first.admin_address).await;
+    until_served_by(listen, "b", Duration::from_secs(5)).await;
+    assert!(cache.is_file(), "no cache file written");
+    cp.stop();
+    first.shutdown(Duration::from_secs(2)).await;
+
+    // The control plane is gone; the initial fetch timeout (30 s) is far away.
+    let second = start().await;
+    wait_ready(second.admin_address).await;
+    until_served_by(listen, "b", Duration::from_secs(5)).await;
+    assert_eq!(
+        metric(second.admin_address, "remora_xds_connected").await,
+        0.0
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -160,3 +160,72 @@ impl Resources {
         Ok(names)
     }
 }
+
+impl Resources {
+    /// A compact binary form (per type: a count, then each resource's length and bytes), for
+    /// a cache file.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = b"remora-xds-cache-1\n".to_vec();
+        for kind in TypeUrl::ALL {
+            let encoded = self.encoded(kind);
+            out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+            for r in encoded {
+                out.extend_from_slice(&(r.any.value.len() as u32).to_le_bytes());
+                out.extend_from_slice(&r.any.value);
+            }
+        }
+        out
+    }
+
+    /// Reads what [`Resources::to_bytes`] wrote.
+    pub fn from_bytes(mut data: &[u8]) -> Result<Resources, String> {
+        let magic = b"remora-xds-cache-1\n";
+        data = data
+            .strip_prefix(&magic[..])
+            .ok_or("not a remora xDS cache file")?;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            if data.len() < n {
+                return Err("truncated cache file".into());
+            }
+            let (head, rest) = data.split_at(n);
+            data = rest;
+            Ok(head)
+        };
+        let mut res = Resources::default();
+        for kind in TypeUrl::ALL {
+            let count = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
+            let mut anys = Vec::new();
+            for _ in 0..count {
+                let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+                anys.push(Any {
+                    type_url: kind.as_str(),
+                    value: take(len)?.to_vec(),
+                });
+            }
+            res.decode_into(kind, &anys)?;
+        }
+        Ok(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_form_reads_back_what_it_wrote() {
+        let mut res = Resources::default();
+        res.listeners.push(Listener {
+            name: "l".into(),
+            ..Default::default()
+        });
+        res.endpoints.push(ClusterLoadAssignment {
+            cluster_name: "c".into(),
+            ..Default::default()
+        });
+        let bytes = res.to_bytes();
+        assert_eq!(Resources::from_bytes(&bytes).unwrap(), res);
+        assert!(Resources::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        assert!(Resources::from_bytes(b"junk").is_err());
+    }
+}
