@@ -13,6 +13,9 @@ use tokio::sync::mpsc;
 
 use crate::config;
 
+/// How often a served directory is looked at for new files.
+const SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The node group a file that is not named after a node cluster serves.
 pub const DEFAULT_GROUP: &str = "default";
 
@@ -55,16 +58,36 @@ pub async fn start(source: &Path, address: SocketAddr) -> std::io::Result<Contro
             format!("{}: no valid config to serve", source.display()),
         ));
     }
+    let mut watched: std::collections::BTreeSet<PathBuf> = Default::default();
     for (group, path) in files {
+        watched.insert(path.clone());
         watch(cache.clone(), group, path);
     }
-    let is_dir = source.is_dir();
-    let dir = source.to_path_buf();
+    if source.is_dir() {
+        // Files added later are served too.
+        let (cache, dir) = (cache.clone(), source.to_path_buf());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SCAN_EVERY).await;
+                let Ok(files) = files_of(&dir) else { continue };
+                for (group, path) in files {
+                    if watched.insert(path.clone()) {
+                        match load(&path) {
+                            Ok(snapshot) => cache.set(&group, snapshot),
+                            Err(errors) => errors
+                                .iter()
+                                .for_each(|e| tracing::error!(error = %e, "not served")),
+                        }
+                        watch(cache.clone(), group, path);
+                    }
+                }
+            }
+        });
+    }
+    // A node gets its cluster's group when there is one, else the default group.
+    let groups = cache.clone();
     let group_of: server::GroupOf = Arc::new(move |node| {
-        if is_dir
-            && !node.cluster.is_empty()
-            && dir.join(format!("{}.yaml", node.cluster)).is_file()
-        {
+        if !node.cluster.is_empty() && groups.has(&node.cluster) {
             node.cluster.clone()
         } else {
             DEFAULT_GROUP.to_string()
@@ -94,7 +117,7 @@ fn files_of(source: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(source)? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "yaml") {
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
                 files.push((stem.to_string(), path.clone()));
             }

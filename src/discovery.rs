@@ -12,17 +12,22 @@ use remora_xds::client::{self, Event, Subscriptions};
 use remora_xds::envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType,
 };
+use remora_xds::envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use remora_xds::envoy_types::pb::envoy::config::core::v3::Node;
+use remora_xds::envoy_types::pb::envoy::config::listener::v3::Listener;
 use remora_xds::server::rds_names;
 use remora_xds::{Resources, TypeUrl};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::AdminState;
 use crate::config::raw::RawXds;
-use crate::config::xds::from_envoy;
+use crate::config::xds::{from_envoy, Dynamic};
 use crate::config::RawConfig;
 use crate::metrics::Metrics;
 use crate::reloader::{Command, Outcome};
+
+/// How often an update that could not be applied for a passing reason is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
 
 /// Default `xds.initial_fetch_timeout`.
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
@@ -70,6 +75,11 @@ pub(crate) fn spawn(
         admin,
         subscriptions: subscriptions_tx,
         cache_file: xds.cache_file.as_ref().map(PathBuf::from),
+        in_force: Resources::default(),
+        warming: 0,
+        retry: None,
+        cache_writes: Default::default(),
+        cache_written: Default::default(),
     };
     tokio::spawn(feed.run(events));
 }
@@ -92,14 +102,36 @@ struct Feed {
     metrics: Arc<Metrics>,
     admin: Arc<AdminState>,
     subscriptions: watch::Sender<Subscriptions>,
+    /// What is in force: the accepted resources, with the previous version of a listener
+    /// whose new route config has not come yet and clusters routes still use.
+    in_force: Resources,
     /// Where accepted resources are kept for the next start.
     cache_file: Option<PathBuf>,
+    /// Listeners waiting for their route config and EDS clusters for their assignment.
+    warming: usize,
+    /// A valid update that could not be applied yet, tried again on a timer.
+    retry: Option<Resources>,
+    /// Cache writes started, and the newest one written (writes run on blocking threads).
+    cache_writes: std::sync::atomic::AtomicU64,
+    cache_written: Arc<std::sync::Mutex<u64>>,
 }
 
 impl Feed {
     async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         self.load_cache().await;
-        while let Some(event) = events.recv().await {
+        let mut retry_timer = tokio::time::interval(RETRY_EVERY);
+        retry_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let event = tokio::select! {
+                event = events.recv() => match event {
+                    Some(e) => e,
+                    None => return,
+                },
+                _ = retry_timer.tick(), if self.retry.is_some() => {
+                    self.retry_pending().await;
+                    continue;
+                }
+            };
             match event {
                 Event::Connected(up) => self.metrics.xds_connected.set(up as i64),
                 Event::Update {
@@ -152,7 +184,9 @@ impl Feed {
                 tracing::info!(path = %path.display(), "serving the cached xDS config until the control plane answers");
                 self.admin.ready.store(true, Ordering::Relaxed);
             }
-            Err(error) => tracing::warn!(path = %path.display(), %error, "xDS cache not applied"),
+            Err(Refusal::Invalid(error) | Refusal::Transient(error)) => {
+                tracing::warn!(path = %path.display(), %error, "xDS cache not applied")
+            }
         }
     }
 
@@ -161,59 +195,237 @@ impl Feed {
         let Some(path) = &self.cache_file else {
             return;
         };
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::write(&tmp, self.accepted.to_bytes())
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(error) = written {
-            tracing::warn!(path = %path.display(), %error, "cannot write the xDS cache");
-        }
+        let (path, bytes) = (path.clone(), self.accepted.to_bytes());
+        let seq = self.cache_writes.fetch_add(1, Ordering::AcqRel) + 1;
+        let written_seq = self.cache_written.clone();
+        // Off the runtime's threads: a big config is megabytes. Writes are rare (one per
+        // accepted update) and each replaces the file whole; one that finds a newer one
+        // already written gives way.
+        tokio::task::spawn_blocking(move || {
+            let mut newest = written_seq.lock().expect("cache lock");
+            if *newest > seq {
+                return;
+            }
+            *newest = seq;
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(error) = written {
+                tracing::warn!(path = %path.display(), %error, "cannot write the xDS cache");
+            }
+        });
     }
 
-    /// Applies one type's new state of the world with the rest as accepted; on success it
-    /// becomes the accepted state and the subscriptions follow it.
+    /// Applies one response with the rest as accepted. LDS and CDS responses are the whole
+    /// state of the world; RDS and EDS responses may carry only some names (the others stay),
+    /// and what no listener or cluster references any more is dropped.
     async fn apply(
         &mut self,
         kind: TypeUrl,
         resources: &[remora_xds::envoy_types::pb::google::protobuf::Any],
     ) -> Result<(), String> {
         let mut next = self.accepted.clone();
-        next.decode_into(kind, resources)?;
-        self.install(next).await?;
-        self.applied.insert(kind);
-        if self.applied.contains(&TypeUrl::Listener) && self.applied.contains(&TypeUrl::Cluster) {
-            self.admin.ready.store(true, Ordering::Relaxed);
+        if kind.by_name() {
+            let mut update = Resources::default();
+            update.decode_into(kind, resources)?;
+            merge_by_name(&mut next, update);
+        } else {
+            next.decode_into(kind, resources)?;
         }
+        match self.install(next.clone()).await {
+            Ok(()) => {}
+            Err(Refusal::Transient(reason)) => {
+                // Valid, but it could not be applied now (an address still held): tried again
+                // here, since the control plane will not resend a version we refused.
+                self.retry = Some(next);
+                return Err(reason);
+            }
+            Err(Refusal::Invalid(reason)) => return Err(reason),
+        }
+        self.applied.insert(kind);
+        self.update_readiness();
         self.save_cache();
         Ok(())
     }
 
-    /// Puts `next` in force through the reloader; on success it is the accepted state and
-    /// the subscriptions follow it.
-    async fn install(&mut self, next: Resources) -> Result<(), String> {
-        // Warming, as Envoy: a listener waits for its route config (it is left out until it
-        // arrives rather than refused).
-        let routes: BTreeSet<&str> = next.route_configs.iter().map(|r| r.name.as_str()).collect();
+    /// Puts `next` in force through the reloader; on success it is the accepted state and the
+    /// subscriptions follow it. Every resource is converted (so that an error in a listener
+    /// still warming is reported now); then, as Envoy warms: a new listener waits for its
+    /// route config, a changed one keeps serving its previous version until the new route
+    /// config arrives, and a cluster that CDS removed stays while a route still uses it.
+    async fn install(&mut self, next: Resources) -> Result<(), Refusal> {
+        convert(&next).map_err(Refusal::Invalid)?;
+        let routes: BTreeSet<String> = next.route_configs.iter().map(|r| r.name.clone()).collect();
+        let ready = |l: &Listener| rds_names(l).iter().all(|n| routes.contains(n));
         let mut serving = next.clone();
-        serving
+        serving.listeners = next
             .listeners
-            .retain(|l| rds_names(l).iter().all(|n| routes.contains(n.as_str())));
-        let dynamic = from_envoy(&serving).map_err(|errors| errors.join("; "))?;
+            .iter()
+            .filter_map(|l| {
+                if ready(l) {
+                    return Some(l.clone());
+                }
+                self.in_force
+                    .listeners
+                    .iter()
+                    .find(|old| old.name == l.name && ready(old))
+                    .cloned()
+            })
+            .collect();
+        // Route configs no listener (new or still serving) names are left out: RDS responses
+        // may leave names out, so removal is by reference.
+        let named: BTreeSet<String> = next
+            .listeners
+            .iter()
+            .chain(serving.listeners.iter())
+            .flat_map(rds_names)
+            .collect();
+        let mut next = next;
+        next.route_configs.retain(|r| named.contains(&r.name));
+        serving.route_configs.retain(|r| named.contains(&r.name));
+        let mut dynamic = convert(&serving).map_err(Refusal::Invalid)?;
+        let kept: BTreeSet<String> = dynamic.clusters.iter().map(|c| c.name.clone()).collect();
+        let referenced: BTreeSet<String> = dynamic
+            .route_configs
+            .iter()
+            .flat_map(|rc| rc.virtual_hosts.iter())
+            .flat_map(|vh| vh.routes.iter())
+            .flat_map(|r| {
+                r.cluster
+                    .iter()
+                    .cloned()
+                    .chain(r.weighted_clusters.iter().flatten().map(|w| w.name.clone()))
+            })
+            .collect();
+        let retained: Vec<_> = self
+            .in_force
+            .clusters
+            .iter()
+            .filter(|c| referenced.contains(&c.name) && !kept.contains(&c.name))
+            .cloned()
+            .collect();
+        if !retained.is_empty() {
+            serving.clusters.extend(retained);
+            for c in &serving.clusters {
+                if !serving.endpoints.iter().any(|e| e.cluster_name == c.name) {
+                    if let Some(e) = self
+                        .in_force
+                        .endpoints
+                        .iter()
+                        .find(|e| e.cluster_name == c.name)
+                    {
+                        serving.endpoints.push(e.clone());
+                    }
+                }
+            }
+            dynamic = convert(&serving).map_err(Refusal::Invalid)?;
+        }
         let (reply, answer) = oneshot::channel();
         self.control
             .send(Command::Dynamic { dynamic, reply })
             .await
-            .map_err(|_| "remora is shutting down".to_string())?;
+            .map_err(|_| Refusal::Invalid("remora is shutting down".into()))?;
         match answer.await {
             Ok(Outcome::Applied { .. } | Outcome::Unchanged) => {}
-            Ok(Outcome::Rejected(errors) | Outcome::Failed(errors)) => {
-                return Err(errors.join("; "))
-            }
-            Err(_) => return Err("remora is shutting down".into()),
+            Ok(Outcome::Rejected(errors)) => return Err(Refusal::Invalid(errors.join("; "))),
+            Ok(Outcome::Failed(errors)) => return Err(Refusal::Transient(errors.join("; "))),
+            Err(_) => return Err(Refusal::Invalid("remora is shutting down".into())),
         }
+        self.warming = next.listeners.len() - serving.listeners.iter().filter(|l| ready(l)).count()
+            + next
+                .clusters
+                .iter()
+                .filter(|c| {
+                    is_eds(c) && !next.endpoints.iter().any(|e| e.cluster_name == eds_name(c))
+                })
+                .count();
+        // Assignments no EDS cluster (new or still serving) names are dropped likewise.
+        let mut keep = wanted(&next);
+        let serving_wants = wanted(&serving);
+        keep.routes.extend(serving_wants.routes);
+        keep.endpoints.extend(serving_wants.endpoints);
+        next.endpoints
+            .retain(|e| keep.endpoints.contains(&e.cluster_name));
+        serving
+            .endpoints
+            .retain(|e| keep.endpoints.contains(&e.cluster_name));
         self.accepted = next;
-        self.subscriptions.send_replace(wanted(&self.accepted));
+        self.in_force = serving;
+        self.subscriptions.send_replace(keep);
         Ok(())
     }
+
+    /// Ready once listeners and clusters have come and nothing is warming (every listener's
+    /// route config and every EDS cluster's assignment is there); the initial fetch timeout
+    /// makes it ready anyway.
+    fn update_readiness(&self) {
+        if self.warming > 0 {
+            tracing::info!(warming = self.warming, "xDS resources still warming");
+            return;
+        }
+        if self.applied.contains(&TypeUrl::Listener) && self.applied.contains(&TypeUrl::Cluster) {
+            self.admin.ready.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Tries a config that failed for a passing reason again.
+    async fn retry_pending(&mut self) {
+        let Some(next) = self.retry.take() else {
+            return;
+        };
+        match self.install(next.clone()).await {
+            Ok(()) => {
+                tracing::info!("an xDS update that could not be applied earlier is in force");
+                self.update_readiness();
+                self.save_cache();
+            }
+            Err(Refusal::Transient(_)) => self.retry = Some(next),
+            Err(Refusal::Invalid(reason)) => {
+                tracing::warn!(%reason, "an xDS update retried is now refused")
+            }
+        }
+    }
+}
+
+/// Why an update was not put in force.
+enum Refusal {
+    /// It is wrong: NACK.
+    Invalid(String),
+    /// It could not be applied now, but may later: NACK, and try again here.
+    Transient(String),
+}
+
+/// Converts resources to remora's config; a panic in the conversion (a bug) is an error,
+/// never the end of the feed.
+fn convert(res: &Resources) -> Result<Dynamic, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| from_envoy(res)))
+        .map_err(|_| "internal error while converting the resources (a bug)".to_string())?
+        .map_err(|errors| errors.join("; "))
+}
+
+/// Adds or replaces, by name, the route configs and assignments of an RDS or EDS response.
+fn merge_by_name(into: &mut Resources, update: Resources) {
+    for rc in update.route_configs {
+        into.route_configs.retain(|r| r.name != rc.name);
+        into.route_configs.push(rc);
+    }
+    for cla in update.endpoints {
+        into.endpoints
+            .retain(|e| e.cluster_name != cla.cluster_name);
+        into.endpoints.push(cla);
+    }
+}
+
+fn is_eds(c: &Cluster) -> bool {
+    c.cluster_discovery_type == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+}
+
+/// The assignment name an EDS cluster asks for.
+fn eds_name(c: &Cluster) -> String {
+    c.eds_cluster_config
+        .as_ref()
+        .map(|e| e.service_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| c.name.clone())
 }
 
 /// The route configs the accepted listeners ask for and the assignments the EDS clusters do.

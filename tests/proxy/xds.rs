@@ -424,3 +424,99 @@ async fn a_restart_with_a_cache_file_serves_while_the_control_plane_is_down() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The ordinary "move the traffic, then delete the old cluster" edit in one step: the route
+/// moves from `a` to `b` and cluster `a` disappears. CDS (without `a`) arrives while the
+/// route still uses `a`: `a` stays until the new route config is in force; nothing is NACKed.
+#[tokio::test]
+async fn moving_a_route_and_removing_its_old_cluster_in_one_edit_applies() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let listen = free_address();
+    let dir = temp_dir("move");
+    let path = dir.join("default.yaml");
+    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
+    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let app = sidecar(cp.address).await;
+    wait_ready(app.admin_address).await;
+    until_served_by(listen, "a", Duration::from_secs(5)).await;
+    let without_a = served(listen, "b", a.port(), b.port()).replace(
+        &format!(
+            "  - {{ name: a, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
+            a.port()
+        ),
+        "",
+    );
+    assert!(!without_a.contains("name: a,"), "{without_a}");
+    std::fs::write(&path, without_a).unwrap();
+    until_served_by(listen, "b", Duration::from_secs(8)).await;
+    assert_eq!(cp.cache.nacks.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // `a` is gone once nothing uses it.
+    let started = Instant::now();
+    loop {
+        let clusters = get(&client(), app.admin_address, "a", "/clusters", &[])
+            .await
+            .body;
+        if !clusters.contains("\"name\": \"a\"") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "cluster `a` stayed:\n{clusters}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cp.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A listener whose route config is renamed keeps serving its previous version while the
+/// new route config warms: its port never closes.
+#[tokio::test]
+async fn a_listener_switching_route_config_keeps_serving_while_it_warms() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let listen = free_address();
+    let dir = temp_dir("rds-rename");
+    let path = dir.join("default.yaml");
+    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
+    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let app = sidecar(cp.address).await;
+    wait_ready(app.admin_address).await;
+    until_served_by(listen, "a", Duration::from_secs(5)).await;
+    let renamed = served(listen, "b", a.port(), b.port()).replace("rc", "rc2");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let cl = client();
+            let mut failures = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = http::Request::get(format!("http://{listen}/"))
+                    .header("host", "svc")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                match cl.request(req).await {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => failures.push(format!("status {}", r.status())),
+                    Err(e) => failures.push(format!("{e}")),
+                }
+            }
+            failures
+        })
+    };
+    std::fs::write(&path, renamed).unwrap();
+    until_served_by(listen, "b", Duration::from_secs(8)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failures = probe.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    cp.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

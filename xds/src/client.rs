@@ -20,6 +20,11 @@ use crate::resources::TypeUrl;
 /// First wait before reconnecting, and the cap.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Time to open the connection to the control plane.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 PINGs on the stream, and how long one may go unanswered.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The names the consumer wants by RDS and EDS (those its accepted listeners and clusters
 /// reference).
@@ -68,6 +73,9 @@ pub async fn run(
         let _ = events.send(Event::Connected(false)).await;
         match outcome {
             Session::Served => backoff = BACKOFF_BASE,
+            Session::Refused => {
+                tracing::warn!(address = %config.address, retry_in = ?backoff, "control plane ended the stream before answering")
+            }
             Session::Failed(error) => {
                 tracing::warn!(address = %config.address, %error, retry_in = ?backoff, "control plane unreachable")
             }
@@ -80,8 +88,10 @@ pub async fn run(
 }
 
 enum Session {
-    /// A stream was up and then ended: reconnect soon.
+    /// A stream was up and answered, then ended: reconnect soon.
     Served,
+    /// A stream opened but ended before any response: back off as for a failure.
+    Refused,
     /// No stream could be opened.
     Failed(String),
 }
@@ -97,9 +107,20 @@ async fn session(
     events: &mpsc::Sender<Event>,
     versions: &mut HashMap<TypeUrl, String>,
 ) -> Session {
-    let endpoint = format!("http://{}", config.address);
-    let mut client = match AggregatedDiscoveryServiceClient::connect(endpoint).await {
-        Ok(c) => c
+    let endpoint =
+        match tonic::transport::Endpoint::from_shared(format!("http://{}", config.address)) {
+            Ok(e) => e
+                .connect_timeout(CONNECT_TIMEOUT)
+                // SotW is silent while nothing changes: keepalives find a stream that died
+                // quietly (a vanished host, a NAT that forgot it).
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .tcp_keepalive(Some(KEEPALIVE_INTERVAL)),
+            Err(e) => return Session::Failed(e.to_string()),
+        };
+    let mut client = match endpoint.connect().await {
+        Ok(channel) => AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024),
         Err(e) => return Session::Failed(e.to_string()),
@@ -114,6 +135,14 @@ async fn session(
     };
     let _ = events.send(Event::Connected(true)).await;
     let mut last: HashMap<TypeUrl, Sent> = HashMap::new();
+    let mut answered = false;
+    let ended = |answered: bool| {
+        if answered {
+            Session::Served
+        } else {
+            Session::Refused
+        }
+    };
     let request = |kind: TypeUrl,
                    names: Vec<String>,
                    version: String,
@@ -171,12 +200,13 @@ async fn session(
             message = responses.message() => {
                 let response: DiscoveryResponse = match message {
                     Ok(Some(r)) => r,
-                    Ok(None) => return Session::Served,
+                    Ok(None) => return ended(answered),
                     Err(status) => {
                         tracing::warn!(%status, "ADS stream broke");
-                        return Session::Served;
+                        return ended(answered);
                     }
                 };
+                answered = true;
                 let Some(kind) = TypeUrl::parse(&response.type_url) else {
                     tracing::debug!(type_url = %response.type_url, "response for a type not asked for");
                     continue;

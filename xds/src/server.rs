@@ -169,6 +169,11 @@ impl Cache {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Whether a snapshot is served to `group`.
+    pub fn has(&self, group: &str) -> bool {
+        self.groups.lock().expect("cache lock").contains_key(group)
+    }
+
     fn get(&self, group: &str) -> Option<Arc<Snapshot>> {
         self.groups.lock().expect("cache lock").get(group).cloned()
     }
