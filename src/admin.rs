@@ -33,6 +33,8 @@ pub struct AdminState {
     pub draining: AtomicBool,
     /// The last config the reloader refused, shown by `/config`.
     pub last_rejected: Mutex<Option<Rejection>>,
+    /// The version of each xDS type in force (`lds`, `rds`, `cds`, `eds`), shown by `/config`.
+    pub xds_versions: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 /// Default `admin.max_connections`.
@@ -156,6 +158,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 "loaded_at": rfc3339(snap.loaded_at),
                 "config": redacted(serde_json::to_value(&snap.raw).expect("config is JSON")),
                 "last_rejected": *state.last_rejected.lock().expect("admin lock"),
+                "xds_versions": *state.xds_versions.lock().expect("admin lock"),
             }))
         }
         "/clusters" => {

@@ -101,6 +101,7 @@ impl App {
             ready: false.into(),
             draining: false.into(),
             last_rejected: Default::default(),
+            xds_versions: Default::default(),
         });
         let admin_address = admin::serve(admin_wanted, admin.clone()).await?;
         let mut prepared = Vec::new();

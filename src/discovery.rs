@@ -149,6 +149,11 @@ impl Feed {
                     if let Err(reason) = &result {
                         tracing::warn!(kind = kind.label(), %version, %reason, "xDS update refused");
                     } else {
+                        self.admin
+                            .xds_versions
+                            .lock()
+                            .expect("admin lock")
+                            .insert(kind.label(), version.clone());
                         let now = SystemTime::now()
                             .duration_since(UNIX_EPOCH)
                             .unwrap_or_default();

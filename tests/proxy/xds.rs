@@ -88,6 +88,17 @@ async fn a_sidecar_follows_the_control_plane() {
             >= 2.0
     );
     assert_eq!(cp.cache.nacks.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let config: serde_json::Value =
+        serde_json::from_str(&get(&client(), admin, "a", "/config", &[]).await.body).unwrap();
+    for kind in ["lds", "rds", "cds", "eds"] {
+        assert!(
+            config["xds_versions"][kind]
+                .as_str()
+                .is_some_and(|v| !v.is_empty()),
+            "/config shows no {kind} version: {}",
+            config["xds_versions"]
+        );
+    }
     cp.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
