@@ -142,9 +142,10 @@ fn load(path: &Path) -> Result<Snapshot, Vec<String>> {
 
 /// Reloads `path` into `group` whenever it changes; a bad file keeps the last good snapshot.
 fn watch(cache: Arc<Cache>, group: String, path: PathBuf) {
-    let running = std::fs::read_to_string(&path)
-        .map(|t| crate::app::config_hash(&t))
-        .unwrap_or_default();
+    // Seeded with no hash, so the watcher loads the file once more as it starts: an edit made
+    // between the first load and the watcher's start is not missed (an unchanged file makes
+    // no push: versions are content hashes).
+    let running = String::new();
     let (tx, mut changes) = mpsc::channel(1);
     config::watch::spawn(path.clone(), running, tx);
     tokio::spawn(async move {

@@ -140,7 +140,12 @@ impl Feed {
                     resources,
                     verdict,
                 } => {
+                    let started = std::time::Instant::now();
                     let result = self.apply(kind, &resources).await;
+                    self.metrics
+                        .xds_apply_duration
+                        .with_label_values(&[kind.label()])
+                        .observe(started.elapsed().as_secs_f64());
                     let label = if result.is_ok() { "ack" } else { "nack" };
                     self.metrics
                         .xds_updates

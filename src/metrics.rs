@@ -53,6 +53,8 @@ pub struct Metrics {
     pub xds_updates: IntCounterVec,
     /// `remora_xds_last_update_timestamp_seconds{type}`: when a type was last accepted.
     pub xds_last_update: prometheus::GaugeVec,
+    /// `remora_xds_apply_duration_seconds{type}`: from a response's arrival to its verdict.
+    pub xds_apply_duration: HistogramVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -105,6 +107,12 @@ impl Metrics {
         r.register(Box::new(xds_last_update.clone()))
             .expect("unique metric");
         let m = Metrics {
+            xds_apply_duration: histogram(
+                &r,
+                "remora_xds_apply_duration_seconds",
+                "Time from an xDS response's arrival to its ACK or NACK (conversion, validation, compile, swap).",
+                &["type"],
+            ),
             xds_connected,
             xds_last_update,
             xds_updates: counter(
