@@ -44,7 +44,7 @@ pub(crate) fn spawn(
 ) {
     let node = raw.node.clone().unwrap_or_default();
     let config = client::Config {
-        address: xds.address.clone(),
+        address: control_plane_address(raw, xds),
         node: Node {
             id: node.id.unwrap_or_else(hostname),
             cluster: node.cluster.unwrap_or_default(),
@@ -82,6 +82,19 @@ pub(crate) fn spawn(
         cache_written: Default::default(),
     };
     tokio::spawn(feed.run(events));
+}
+
+/// The control plane's `host:port`: the `address`, or the first endpoint of the named
+/// static cluster (validated to exist).
+fn control_plane_address(raw: &RawConfig, xds: &RawXds) -> String {
+    xds.address.clone().unwrap_or_else(|| {
+        raw.clusters
+            .iter()
+            .find(|c| Some(&c.name) == xds.cluster.as_ref())
+            .and_then(|c| c.endpoints.first())
+            .map(|e| e.address.clone())
+            .unwrap_or_default()
+    })
 }
 
 fn hostname() -> String {

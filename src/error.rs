@@ -21,6 +21,9 @@ pub enum ProxyError {
     NoRoute,
     #[error("cluster `{cluster}` has no healthy endpoint")]
     NoHealthyUpstream { cluster: Arc<str> },
+    /// The route names a cluster the control plane has not delivered (yet).
+    #[error("cluster `{cluster}` does not exist")]
+    ClusterNotFound { cluster: Arc<str> },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("no upstream response within {0:?}")]
@@ -49,6 +52,9 @@ impl ProxyError {
             ProxyError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::NoHealthyUpstream { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream")
+            }
+            ProxyError::ClusterNotFound { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "cluster_not_found")
             }
             ProxyError::Overflow { .. } | ProxyError::Upstream(UpstreamError::Overflow(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overflow")
@@ -111,6 +117,13 @@ mod tests {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let cases = [
             (ProxyError::NoRoute, 404, "no_route"),
+            (
+                ProxyError::ClusterNotFound {
+                    cluster: "c".into(),
+                },
+                503,
+                "cluster_not_found",
+            ),
             (
                 ProxyError::NoHealthyUpstream {
                     cluster: "c".into(),

@@ -109,7 +109,14 @@ async fn proxy(
     record.route = Some(route.name.clone());
     let cluster = match &route.action {
         Action::Direct { status, body } => return Ok(direct(route, *status, body.clone())),
-        action => action.pick_cluster().expect("cluster action"),
+        action => match action.pick_cluster().expect("cluster action") {
+            Ok(cluster) => cluster,
+            Err(name) => {
+                return Err(ProxyError::ClusterNotFound {
+                    cluster: name.clone(),
+                })
+            }
+        },
     };
     record.cluster = Some(cluster.name.clone());
 

@@ -95,25 +95,37 @@ pub struct HeaderOp {
 }
 
 pub enum Action {
-    Cluster(Arc<Cluster>),
+    Cluster(ClusterRef),
     Weighted(WeightedClusters),
     Direct { status: StatusCode, body: Bytes },
 }
 
+/// A cluster a route names: known, or (with a control plane) not delivered yet.
+pub enum ClusterRef {
+    Known(Arc<Cluster>),
+    /// Requests get 503 `cluster_not_found` until a reload brings the cluster.
+    Missing(Arc<str>),
+}
+
 /// Clusters sharing a route's traffic by weight, in exact proportions per cycle.
 pub struct WeightedClusters {
-    pub clusters: Vec<Arc<Cluster>>,
+    pub clusters: Vec<ClusterRef>,
     pub schedule: Schedule,
 }
 
 impl Action {
-    /// The cluster this request goes to (for a split, the next one in the cycle).
-    pub fn pick_cluster(&self) -> Option<&Arc<Cluster>> {
-        match self {
-            Action::Cluster(c) => Some(c),
-            Action::Weighted(w) => w.clusters.get(w.schedule.next()),
-            Action::Direct { .. } => None,
-        }
+    /// The cluster this request goes to (for a split, the next one in the cycle), or the
+    /// name of a cluster that does not exist (yet). `None` for a direct response.
+    pub fn pick_cluster(&self) -> Option<Result<&Arc<Cluster>, &Arc<str>>> {
+        let r = match self {
+            Action::Cluster(c) => c,
+            Action::Weighted(w) => w.clusters.get(w.schedule.next())?,
+            Action::Direct { .. } => return None,
+        };
+        Some(match r {
+            ClusterRef::Known(c) => Ok(c),
+            ClusterRef::Missing(name) => Err(name),
+        })
     }
 }
 

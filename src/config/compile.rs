@@ -14,8 +14,8 @@ use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::retry::RetryPolicy;
 use crate::router::{
-    full_match_regex, Action, HeaderMatch, HeaderMatcher, HeaderOp, PathMatch, Route, RouteTable,
-    VirtualHost, WeightedClusters,
+    full_match_regex, Action, ClusterRef, HeaderMatch, HeaderMatcher, HeaderOp, PathMatch, Route,
+    RouteTable, VirtualHost, WeightedClusters,
 };
 use crate::snapshot::{ListenerSettings, Snapshot, DEFAULT_ADMIN_ADDRESS};
 
@@ -146,12 +146,16 @@ fn route(
             full_match_regex(m.regex.as_deref().unwrap_or_default()).expect("validated regex"),
         )
     };
+    let named = |name: &String| match clusters.get(name) {
+        Some(c) => ClusterRef::Known(c.clone()),
+        None => ClusterRef::Missing(name.as_str().into()),
+    };
     let action = if let Some(c) = &r.cluster {
-        Action::Cluster(clusters[c].clone())
+        Action::Cluster(named(c))
     } else if let Some(split) = &r.weighted_clusters {
         let weights: Vec<u32> = split.iter().map(|w| w.weight).collect();
         Action::Weighted(WeightedClusters {
-            clusters: split.iter().map(|w| clusters[&w.name].clone()).collect(),
+            clusters: split.iter().map(|w| named(&w.name)).collect(),
             schedule: Schedule::new(&weights).expect("validated weights"),
         })
     } else {

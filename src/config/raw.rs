@@ -60,8 +60,12 @@ pub struct RawNode {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawXds {
-    /// `host:port` of the control plane, spoken to as h2c gRPC (ADS).
-    pub address: String,
+    /// `host:port` of the control plane, spoken to as h2c gRPC (ADS). Or:
+    #[serde(default)]
+    pub address: Option<String>,
+    /// the name of a static cluster in this file whose first endpoint is the control plane.
+    #[serde(default)]
+    pub cluster: Option<String>,
     /// `/ready` waits this long for the first complete config from the control plane, then
     /// says ready with what it has. Default `15s`.
     #[serde(default)]

@@ -69,15 +69,33 @@ pub fn validate(raw: &RawConfig) -> Vec<Problem> {
         }
     }
     if let Some(x) = &raw.xds {
-        let ok = x
-            .address
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !ok {
-            out.add(
-                p!["xds", "address"],
-                format!("`{}` is not a `host:port` address", x.address),
-            );
+        match (&x.address, &x.cluster) {
+            (Some(address), None) => {
+                let ok = address
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                if !ok {
+                    out.add(
+                        p!["xds", "address"],
+                        format!("`{address}` is not a `host:port` address"),
+                    );
+                }
+            }
+            (None, Some(name)) => {
+                let found = raw.clusters.iter().find(|c| &c.name == name);
+                if found.is_none_or(|c| c.endpoints.is_empty()) {
+                    out.unknown(
+                        p!["xds", "cluster"],
+                        "static cluster with an endpoint",
+                        name,
+                        raw.clusters.iter().map(|c| c.name.as_str()),
+                    );
+                }
+            }
+            _ => out.add(
+                p!["xds"],
+                "needs exactly one of `address` and `cluster` (a static cluster)",
+            ),
         }
     }
     if let Some(w) = raw.workers {
@@ -102,7 +120,10 @@ pub fn validate(raw: &RawConfig) -> Vec<Problem> {
     );
     check_listeners(&mut out, raw, &route_names);
     for (i, rc) in raw.route_configs.iter().enumerate() {
-        check_route_config(&mut out, i, rc, &cluster_names);
+        // With a control plane, a route may name a cluster that has not come yet: it answers
+        // 503 `cluster_not_found` until the cluster exists, as in Envoy.
+        let known = raw.xds.is_none().then_some(&cluster_names);
+        check_route_config(&mut out, i, rc, known);
     }
     for (i, c) in raw.clusters.iter().enumerate() {
         check_cluster(&mut out, i, c);
@@ -227,7 +248,12 @@ fn check_listeners(out: &mut Problems, raw: &RawConfig, route_names: &HashSet<&s
     }
 }
 
-fn check_route_config(out: &mut Problems, i: usize, rc: &RawRouteConfig, clusters: &HashSet<&str>) {
+fn check_route_config(
+    out: &mut Problems,
+    i: usize,
+    rc: &RawRouteConfig,
+    clusters: Option<&HashSet<&str>>,
+) {
     let mut domains: HashMap<String, &str> = HashMap::new();
     let mut vhost_names = HashSet::new();
     for (v, vh) in rc.virtual_hosts.iter().enumerate() {
@@ -295,7 +321,7 @@ fn domain_problem(domain: &str) -> Option<String> {
     None
 }
 
-fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &HashSet<&str>) {
+fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: Option<&HashSet<&str>>) {
     let path = |rest: Vec<Seg>| {
         let mut p = at.to_vec();
         p.extend(rest);
@@ -376,7 +402,7 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &Hash
             "needs exactly one action: `cluster`, `weighted_clusters` or `direct_response`",
         );
     }
-    if let Some(c) = &route.cluster {
+    if let (Some(c), Some(clusters)) = (&route.cluster, clusters) {
         if !clusters.contains(c.as_str()) {
             out.unknown(path(p!["cluster"]), "cluster", c, clusters.iter().copied());
         }
@@ -391,7 +417,7 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: &Hash
             );
         }
         for (k, w) in split.iter().enumerate() {
-            if !clusters.contains(w.name.as_str()) {
+            if let Some(clusters) = clusters.filter(|c| !c.contains(w.name.as_str())) {
                 out.unknown(
                     path(p!["weighted_clusters", k, "name"]),
                     "cluster",

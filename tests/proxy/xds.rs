@@ -531,3 +531,38 @@ async fn a_listener_switching_route_config_keeps_serving_while_it_warms() {
     cp.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The control plane named as a static cluster (`xds.cluster`), and a static listener whose
+/// route names a cluster only the control plane brings: 503 `cluster_not_found` until the
+/// control plane is there, then routed (as Envoy does for a cluster not yet known).
+#[tokio::test]
+async fn a_static_route_to_a_cluster_the_control_plane_brings() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let (listen, static_listen, cp_address) = (free_address(), free_address(), free_address());
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: mixed }}\n\
+         xds: {{ cluster: control-plane, initial_fetch_timeout: 1s }}\n\
+         listeners:\n  - {{ name: inbound, address: \"{static_listen}\", route_config: static-rc }}\n\
+         route_configs:\n  - name: static-rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: b }}] }}\n\
+         clusters:\n  - {{ name: control-plane, endpoints: [{{ address: \"{cp_address}\" }}] }}\n"
+    );
+    let raw = remora::config::parse(&yaml, "sidecar.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let app = App::start(raw, ConfigSource::Inline("sidecar.yaml".into()), &yaml)
+        .await
+        .unwrap();
+    let r = get(&client(), static_listen, "svc", "/", &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-remora-error"), "cluster_not_found");
+
+    let dir = temp_dir("static-route");
+    let path = dir.join("default.yaml");
+    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
+    let cp = remora::control_plane::start(&path, cp_address)
+        .await
+        .unwrap();
+    until_served_by(static_listen, "b", Duration::from_secs(10)).await;
+    until_served_by(listen, "a", Duration::from_secs(5)).await;
+    wait_ready(app.admin_address).await;
+    cp.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
