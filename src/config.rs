@@ -177,6 +177,13 @@ pub fn parse_with(
         raw.clusters.len(),
     ];
     if let Some(d) = dynamic {
+        for c in raw.clusters.iter_mut() {
+            if c.discovery == raw::DiscoveryType::Eds {
+                if let Some(endpoints) = d.assignments.get(&c.name) {
+                    c.endpoints = endpoints.clone();
+                }
+            }
+        }
         raw.listeners.extend(d.listeners.iter().cloned());
         raw.route_configs.extend(d.route_configs.iter().cloned());
         raw.clusters.extend(d.clusters.iter().cloned());

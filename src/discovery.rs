@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::AdminState;
 use crate::config::raw::RawXds;
-use crate::config::xds::{from_envoy, Dynamic};
+use crate::config::xds::{endpoints_from, from_envoy, Dynamic};
 use crate::config::RawConfig;
 use crate::metrics::Metrics;
 use crate::reloader::{Command, Outcome};
@@ -52,7 +52,16 @@ pub(crate) fn spawn(
             ..Default::default()
         },
     };
-    let (subscriptions_tx, subscriptions) = watch::channel(Subscriptions::default());
+    let static_eds: BTreeSet<String> = raw
+        .clusters
+        .iter()
+        .filter(|c| c.discovery == crate::config::raw::DiscoveryType::Eds)
+        .map(|c| c.name.clone())
+        .collect();
+    let (subscriptions_tx, subscriptions) = watch::channel(Subscriptions {
+        routes: BTreeSet::new(),
+        endpoints: static_eds.clone(),
+    });
     let (events_tx, events) = mpsc::channel(16);
     tokio::spawn(client::run(config, subscriptions, events_tx));
     let initial = xds
@@ -76,6 +85,7 @@ pub(crate) fn spawn(
         subscriptions: subscriptions_tx,
         cache_file: xds.cache_file.as_ref().map(PathBuf::from),
         in_force: Resources::default(),
+        static_eds,
         warming: 0,
         retry: None,
         cache_writes: Default::default(),
@@ -118,6 +128,8 @@ struct Feed {
     /// What is in force: the accepted resources, with the previous version of a listener
     /// whose new route config has not come yet and clusters routes still use.
     in_force: Resources,
+    /// The static config's `type: eds` clusters, fed by EDS too.
+    static_eds: BTreeSet<String>,
     /// Where accepted resources are kept for the next start.
     cache_file: Option<PathBuf>,
     /// Listeners waiting for their route config and EDS clusters for their assignment.
@@ -342,6 +354,12 @@ impl Feed {
             }
             dynamic = convert(&serving).map_err(Refusal::Invalid)?;
         }
+        for name in &self.static_eds {
+            if let Some(cla) = next.endpoints.iter().find(|e| &e.cluster_name == name) {
+                let endpoints = endpoints_from(cla).map_err(|e| Refusal::Invalid(e.join("; ")))?;
+                dynamic.assignments.insert(name.clone(), endpoints);
+            }
+        }
         let (reply, answer) = oneshot::channel();
         self.control
             .send(Command::Dynamic { dynamic, reply })
@@ -362,8 +380,8 @@ impl Feed {
                 })
                 .count();
         // Assignments no EDS cluster (new or still serving) names are dropped likewise.
-        let mut keep = wanted(&next);
-        let serving_wants = wanted(&serving);
+        let mut keep = self.wanted(&next);
+        let serving_wants = self.wanted(&serving);
         keep.routes.extend(serving_wants.routes);
         keep.endpoints.extend(serving_wants.endpoints);
         next.endpoints
@@ -375,6 +393,14 @@ impl Feed {
         self.in_force = serving;
         self.subscriptions.send_replace(keep);
         Ok(())
+    }
+
+    /// The route configs the listeners ask for and the assignments the EDS clusters (and the
+    /// static config's `type: eds` clusters) do.
+    fn wanted(&self, res: &Resources) -> Subscriptions {
+        let mut w = wanted(res);
+        w.endpoints.extend(self.static_eds.iter().cloned());
+        w
     }
 
     /// Ready once listeners and clusters have come and nothing is warming (every listener's

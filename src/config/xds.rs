@@ -77,6 +77,8 @@ pub struct Dynamic {
     pub listeners: Vec<RawListener>,
     pub route_configs: Vec<RawRouteConfig>,
     pub clusters: Vec<RawCluster>,
+    /// Endpoints from EDS for clusters of the static config (`type: eds`), by cluster name.
+    pub assignments: std::collections::BTreeMap<String, Vec<RawEndpoint>>,
 }
 
 /// remora fields Envoy does not honour as remora does. Each is still carried so that the
@@ -2591,6 +2593,18 @@ fn cla_to(cluster: &str, endpoints: &[RawEndpoint]) -> ep::ClusterLoadAssignment
 /// The endpoints of an assignment: localities flattened (their weights and proximity are
 /// not used: remora balances over all endpoints by their own weights), UNHEALTHY and
 /// DRAINING endpoints left out.
+/// The endpoints of one ClusterLoadAssignment (for a static `type: eds` cluster).
+pub fn endpoints_from(cla: &ep::ClusterLoadAssignment) -> Result<Vec<RawEndpoint>, Vec<String>> {
+    let label = format!("ClusterLoadAssignment `{}`", cla.cluster_name);
+    let mut e = Errs(Vec::new());
+    let endpoints = cla_from(cla, &At::root(&label), &mut e);
+    if e.0.is_empty() {
+        Ok(endpoints)
+    } else {
+        Err(e.0)
+    }
+}
+
 fn cla_from(cla: &ep::ClusterLoadAssignment, at: &At<'_>, e: &mut Errs) -> Vec<RawEndpoint> {
     use ecore::HealthStatus;
     if cla

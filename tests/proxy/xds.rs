@@ -566,3 +566,52 @@ async fn a_static_route_to_a_cluster_the_control_plane_brings() {
     cp.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A static `type: eds` cluster serves the endpoints in the file until the control plane's
+/// ClusterLoadAssignment for it arrives, then those.
+#[tokio::test]
+async fn a_static_eds_cluster_is_fed_by_the_control_plane() {
+    use remora_xds::server::{AdsServer, Cache, Snapshot};
+    use std::sync::Arc;
+
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let static_listen = free_address();
+    // Only an assignment for `b`, pointing at upstream `b`.
+    let assignment =
+        remora::config::parse(&served(free_address(), "b", a.port(), b.port()), "cla.yaml")
+            .unwrap_or_else(|e| panic!("{e}"));
+    let cla = to_envoy(&assignment).endpoints;
+    assert_eq!(cla.len(), 1);
+    let cache = Arc::new(Cache::default());
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_address = socket.local_addr().unwrap();
+    let group: remora_xds::server::GroupOf = Arc::new(|_| "default".to_string());
+    tokio::spawn(remora_xds::server::serve(
+        socket,
+        AdsServer::new(cache.clone(), group),
+    ));
+
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: static-eds }}\n\
+         xds: {{ address: \"{cp_address}\", initial_fetch_timeout: 5s }}\n\
+         listeners:\n  - {{ name: inbound, address: \"{static_listen}\", route_config: rc }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: b }}] }}\n\
+         clusters:\n  - {{ name: b, type: eds, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
+        a.port()
+    );
+    let raw = remora::config::parse(&yaml, "sidecar.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let _app = App::start(raw, ConfigSource::Inline("sidecar.yaml".into()), &yaml)
+        .await
+        .unwrap();
+    // Until the control plane answers: the file's endpoint.
+    until_served_by(static_listen, "a", Duration::from_secs(5)).await;
+    cache.set(
+        "default",
+        Snapshot::new(&remora_xds::Resources {
+            endpoints: cla,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    until_served_by(static_listen, "b", Duration::from_secs(10)).await;
+}
