@@ -159,6 +159,13 @@ impl Feed {
             };
             match event {
                 Event::Connected(up) => self.metrics.xds_connected.set(up as i64),
+                Event::Refused { kind, reason } => {
+                    tracing::warn!(kind = kind.label(), %reason, "xDS update refused");
+                    self.metrics
+                        .xds_updates
+                        .with_label_values(&[kind.label(), "nack"])
+                        .inc();
+                }
                 Event::Update {
                     kind,
                     version,

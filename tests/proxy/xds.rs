@@ -615,3 +615,109 @@ async fn a_static_eds_cluster_is_fed_by_the_control_plane() {
     );
     until_served_by(static_listen, "b", Duration::from_secs(10)).await;
 }
+
+/// A response with two resources of one name is NACKed by the client, with the reason, and
+/// counted.
+#[tokio::test]
+async fn duplicate_names_in_a_response_are_nacked() {
+    use remora_xds::envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    };
+    use remora_xds::envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    };
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use tokio_stream::Stream;
+
+    type Out<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
+
+    /// Answers every CDS request with two clusters named `dup`; records NACK reasons.
+    struct Duplicating {
+        nacks: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl AggregatedDiscoveryService for Duplicating {
+        type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
+        type DeltaAggregatedResourcesStream = Out<DeltaDiscoveryResponse>;
+
+        async fn stream_aggregated_resources(
+            &self,
+            request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let nacks = self.nacks.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(req)) = inbound.message().await {
+                    if let Some(e) = &req.error_detail {
+                        nacks.lock().unwrap().push(e.message.clone());
+                        continue;
+                    }
+                    if !req.type_url.ends_with("Cluster") || !req.response_nonce.is_empty() {
+                        continue;
+                    }
+                    let cluster =
+                        remora_xds::envoy_types::pb::envoy::config::cluster::v3::Cluster {
+                            name: "dup".into(),
+                            ..Default::default()
+                        };
+                    let any = remora_xds::envoy_types::pb::google::protobuf::Any {
+                        type_url: req.type_url.clone(),
+                        value: prost::Message::encode_to_vec(&cluster),
+                    };
+                    let resp = DiscoveryResponse {
+                        version_info: "1".into(),
+                        resources: vec![any.clone(), any],
+                        type_url: req.type_url.clone(),
+                        nonce: "n1".into(),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )))
+        }
+
+        async fn delta_aggregated_resources(
+            &self,
+            _request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("no delta"))
+        }
+    }
+
+    let nacks = Arc::new(Mutex::new(Vec::new()));
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_address = socket.local_addr().unwrap();
+    let service = AggregatedDiscoveryServiceServer::new(Duplicating {
+        nacks: nacks.clone(),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(socket)),
+    );
+    let app = sidecar(cp_address).await;
+    let started = Instant::now();
+    while nacks.lock().unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "no NACK");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        nacks.lock().unwrap()[0].contains("duplicate resource name `dup`"),
+        "{:?}",
+        nacks.lock().unwrap()
+    );
+    wait_metric(
+        app.admin_address,
+        "remora_xds_updates_total{result=\"nack\",type=\"cds\"}",
+        1.0,
+    )
+    .await;
+}

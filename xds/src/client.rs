@@ -39,6 +39,9 @@ pub struct Subscriptions {
 pub enum Event {
     /// The stream is up (true) or down (false).
     Connected(bool),
+    /// The client itself NACKed a response of this type (e.g. duplicate names), for the
+    /// consumer's counts.
+    Refused { kind: TypeUrl, reason: String },
     /// A response: the whole state of the world for `kind`. The consumer answers on
     /// `verdict`: `Ok` (ACK) or the reason it refuses it (NACK).
     Update {
@@ -212,7 +215,11 @@ async fn session(
                     continue;
                 };
                 let verdict = match duplicate_name(kind, &response.resources) {
-                    Some(name) => Err(format!("duplicate resource name `{name}` in one response")),
+                    Some(name) => {
+                        let reason = format!("duplicate resource name `{name}` in one response");
+                        let _ = events.send(Event::Refused { kind, reason: reason.clone() }).await;
+                        Err(reason)
+                    }
                     None => {
                         let (tell, answer) = oneshot::channel();
                         let update = Event::Update {
