@@ -160,7 +160,7 @@ pub fn parse_with(
     };
     if !errors.is_empty() {
         // The schema errors were all in cut-out fields; the rest is still worth checking.
-        for p in validate::validate(&raw) {
+        for p in validate::validate(&raw, raw.route_configs.len()) {
             errors.push(at(
                 source.locate(&p.path),
                 &p.path,
@@ -188,7 +188,7 @@ pub fn parse_with(
         raw.route_configs.extend(d.route_configs.iter().cloned());
         raw.clusters.extend(d.clusters.iter().cloned());
     }
-    let problems = validate::validate(&raw);
+    let problems = validate::validate(&raw, statics[1]);
     if problems.is_empty() {
         return Ok(raw);
     }

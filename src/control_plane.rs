@@ -84,10 +84,12 @@ pub async fn start(source: &Path, address: SocketAddr) -> std::io::Result<Contro
             }
         });
     }
-    // A node gets its cluster's group when there is one, else the default group.
-    let groups = cache.clone();
+    // A node gets its cluster's file when there is one, valid or not (an invalid file serves
+    // nothing until fixed: never another service's config), else the default group.
+    let (is_dir, dir) = (source.is_dir(), source.to_path_buf());
     let group_of: server::GroupOf = Arc::new(move |node| {
-        if !node.cluster.is_empty() && groups.has(&node.cluster) {
+        let own = |ext: &str| dir.join(format!("{}.{ext}", node.cluster)).is_file();
+        if is_dir && !node.cluster.is_empty() && (own("yaml") || own("yml")) {
             node.cluster.clone()
         } else {
             DEFAULT_GROUP.to_string()

@@ -88,8 +88,6 @@ pub(crate) fn spawn(
         static_eds,
         warming: 0,
         retry: None,
-        cache_writes: Default::default(),
-        cache_written: Default::default(),
     };
     tokio::spawn(feed.run(events));
 }
@@ -126,7 +124,7 @@ struct Feed {
     admin: Arc<AdminState>,
     subscriptions: watch::Sender<Subscriptions>,
     /// What is in force: the accepted resources, with the previous version of a listener
-    /// whose new route config has not come yet and clusters routes still use.
+    /// whose new route config has not come yet.
     in_force: Resources,
     /// The static config's `type: eds` clusters, fed by EDS too.
     static_eds: BTreeSet<String>,
@@ -134,17 +132,20 @@ struct Feed {
     cache_file: Option<PathBuf>,
     /// Listeners waiting for their route config and EDS clusters for their assignment.
     warming: usize,
-    /// A valid update that could not be applied yet, tried again on a timer.
-    retry: Option<Resources>,
-    /// Cache writes started, and the newest one written (writes run on blocking threads).
-    cache_writes: std::sync::atomic::AtomicU64,
-    cache_written: Arc<std::sync::Mutex<u64>>,
+    /// A valid response that could not be applied yet (its type, version and resources),
+    /// tried again on a timer on top of what is accepted then.
+    retry: Option<(
+        TypeUrl,
+        String,
+        Vec<remora_xds::envoy_types::pb::google::protobuf::Any>,
+    )>,
 }
 
 impl Feed {
     async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         self.load_cache().await;
-        let mut retry_timer = tokio::time::interval(RETRY_EVERY);
+        let mut retry_timer =
+            tokio::time::interval_at(tokio::time::Instant::now() + RETRY_EVERY, RETRY_EVERY);
         retry_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
@@ -173,7 +174,7 @@ impl Feed {
                     verdict,
                 } => {
                     let started = std::time::Instant::now();
-                    let result = self.apply(kind, &resources).await;
+                    let result = self.apply(kind, &version, &resources).await;
                     self.metrics
                         .xds_apply_duration
                         .with_label_values(&[kind.label()])
@@ -186,18 +187,7 @@ impl Feed {
                     if let Err(reason) = &result {
                         tracing::warn!(kind = kind.label(), %version, %reason, "xDS update refused");
                     } else {
-                        self.admin
-                            .xds_versions
-                            .lock()
-                            .expect("admin lock")
-                            .insert(kind.label(), version.clone());
-                        let now = SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .unwrap_or_default();
-                        self.metrics
-                            .xds_last_update
-                            .with_label_values(&[kind.label()])
-                            .set(now.as_secs_f64());
+                        self.note_accepted(kind, &version);
                     }
                     let _ = verdict.send(result);
                 }
@@ -224,7 +214,9 @@ impl Feed {
         match self.install(cached).await {
             Ok(()) => {
                 tracing::info!(path = %path.display(), "serving the cached xDS config until the control plane answers");
-                self.admin.ready.store(true, Ordering::Relaxed);
+                if self.warming == 0 {
+                    self.admin.ready.store(true, Ordering::Relaxed);
+                }
             }
             Err(Refusal::Invalid(error) | Refusal::Transient(error)) => {
                 tracing::warn!(path = %path.display(), %error, "xDS cache not applied")
@@ -233,28 +225,23 @@ impl Feed {
     }
 
     /// Writes the accepted resources to the cache file (atomically: a crash leaves the old).
-    fn save_cache(&self) {
+    async fn save_cache(&self) {
         let Some(path) = &self.cache_file else {
             return;
         };
-        let (path, bytes) = (path.clone(), self.accepted.to_bytes());
-        let seq = self.cache_writes.fetch_add(1, Ordering::AcqRel) + 1;
-        let written_seq = self.cache_written.clone();
-        // Off the runtime's threads: a big config is megabytes. Writes are rare (one per
-        // accepted update) and each replaces the file whole; one that finds a newer one
-        // already written gives way.
-        tokio::task::spawn_blocking(move || {
-            let mut newest = written_seq.lock().expect("cache lock");
-            if *newest > seq {
-                return;
-            }
-            *newest = seq;
+        // What is in force, not what was accepted: a listener still warming has its previous
+        // version there, which a restart can serve at once.
+        let (path, bytes) = (path.clone(), self.in_force.to_bytes());
+        // On a blocking thread (a big config is megabytes), and finished before the update is
+        // answered: the cache never lags behind what was acknowledged.
+        let write = tokio::task::spawn_blocking(move || {
             let tmp = path.with_extension("tmp");
             let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
             if let Err(error) = written {
                 tracing::warn!(path = %path.display(), %error, "cannot write the xDS cache");
             }
         });
+        let _ = write.await;
     }
 
     /// Applies one response with the rest as accepted. LDS and CDS responses are the whole
@@ -263,6 +250,7 @@ impl Feed {
     async fn apply(
         &mut self,
         kind: TypeUrl,
+        version: &str,
         resources: &[remora_xds::envoy_types::pb::google::protobuf::Any],
     ) -> Result<(), String> {
         let mut next = self.accepted.clone();
@@ -273,27 +261,32 @@ impl Feed {
         } else {
             next.decode_into(kind, resources)?;
         }
-        match self.install(next.clone()).await {
+        // A newer response of a type replaces any retry of an older one.
+        if self.retry.as_ref().is_some_and(|(k, _, _)| *k == kind) {
+            self.retry = None;
+        }
+        match self.install(next).await {
             Ok(()) => {}
             Err(Refusal::Transient(reason)) => {
                 // Valid, but it could not be applied now (an address still held): tried again
-                // here, since the control plane will not resend a version we refused.
-                self.retry = Some(next);
+                // here, on top of whatever is accepted then, since the control plane will not
+                // resend a version we refused.
+                self.retry = Some((kind, version.to_string(), resources.to_vec()));
                 return Err(reason);
             }
             Err(Refusal::Invalid(reason)) => return Err(reason),
         }
         self.applied.insert(kind);
         self.update_readiness();
-        self.save_cache();
+        self.save_cache().await;
         Ok(())
     }
 
     /// Puts `next` in force through the reloader; on success it is the accepted state and the
     /// subscriptions follow it. Every resource is converted (so that an error in a listener
     /// still warming is reported now); then, as Envoy warms: a new listener waits for its
-    /// route config, a changed one keeps serving its previous version until the new route
-    /// config arrives, and a cluster that CDS removed stays while a route still uses it.
+    /// route config, and a changed one keeps serving its previous version until the new route
+    /// config arrives.
     async fn install(&mut self, next: Resources) -> Result<(), Refusal> {
         convert(&next).map_err(Refusal::Invalid)?;
         let routes: BTreeSet<String> = next.route_configs.iter().map(|r| r.name.clone()).collect();
@@ -325,42 +318,8 @@ impl Feed {
         next.route_configs.retain(|r| named.contains(&r.name));
         serving.route_configs.retain(|r| named.contains(&r.name));
         let mut dynamic = convert(&serving).map_err(Refusal::Invalid)?;
-        let kept: BTreeSet<String> = dynamic.clusters.iter().map(|c| c.name.clone()).collect();
-        let referenced: BTreeSet<String> = dynamic
-            .route_configs
-            .iter()
-            .flat_map(|rc| rc.virtual_hosts.iter())
-            .flat_map(|vh| vh.routes.iter())
-            .flat_map(|r| {
-                r.cluster
-                    .iter()
-                    .cloned()
-                    .chain(r.weighted_clusters.iter().flatten().map(|w| w.name.clone()))
-            })
-            .collect();
-        let retained: Vec<_> = self
-            .in_force
-            .clusters
-            .iter()
-            .filter(|c| referenced.contains(&c.name) && !kept.contains(&c.name))
-            .cloned()
-            .collect();
-        if !retained.is_empty() {
-            serving.clusters.extend(retained);
-            for c in &serving.clusters {
-                if !serving.endpoints.iter().any(|e| e.cluster_name == c.name) {
-                    if let Some(e) = self
-                        .in_force
-                        .endpoints
-                        .iter()
-                        .find(|e| e.cluster_name == c.name)
-                    {
-                        serving.endpoints.push(e.clone());
-                    }
-                }
-            }
-            dynamic = convert(&serving).map_err(Refusal::Invalid)?;
-        }
+        // A route naming a cluster CDS removed (or has not brought yet) answers 503
+        // `cluster_not_found` until the routes change, as in Envoy.
         for name in &self.static_eds {
             if let Some(cla) = next.endpoints.iter().find(|e| &e.cluster_name == name) {
                 let endpoints = endpoints_from(cla).map_err(|e| Refusal::Invalid(e.join("; ")))?;
@@ -423,22 +382,37 @@ impl Feed {
         }
     }
 
-    /// Tries a config that failed for a passing reason again.
+    /// Tries a response that failed for a passing reason again.
     async fn retry_pending(&mut self) {
-        let Some(next) = self.retry.take() else {
+        let Some((kind, version, resources)) = self.retry.take() else {
             return;
         };
-        match self.install(next.clone()).await {
+        match self.apply(kind, &version, &resources).await {
             Ok(()) => {
-                tracing::info!("an xDS update that could not be applied earlier is in force");
-                self.update_readiness();
-                self.save_cache();
+                tracing::info!(kind = kind.label(), %version, "an xDS update that could not be applied earlier is in force");
+                self.note_accepted(kind, &version);
             }
-            Err(Refusal::Transient(_)) => self.retry = Some(next),
-            Err(Refusal::Invalid(reason)) => {
-                tracing::warn!(%reason, "an xDS update retried is now refused")
+            Err(reason) if self.retry.is_some() => {
+                tracing::debug!(%reason, "xDS update still cannot be applied")
             }
+            Err(reason) => tracing::warn!(%reason, "an xDS update retried is now refused"),
         }
+    }
+
+    /// Records that `version` of `kind` is in force (for `/config` and the metrics).
+    fn note_accepted(&self, kind: TypeUrl, version: &str) {
+        self.admin
+            .xds_versions
+            .lock()
+            .expect("admin lock")
+            .insert(kind.label(), version.to_string());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics
+            .xds_last_update
+            .with_label_values(&[kind.label()])
+            .set(now.as_secs_f64());
     }
 }
 

@@ -178,7 +178,24 @@ impl Reloader {
         let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let raw = config::parse_with(&text, &name, dynamic.as_ref())
                 .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-            let restart = needs_restart(&current, &raw, &text, &name);
+            let mut restart = needs_restart(&current, &raw, &text, &name);
+            // The static `type: eds` clusters are subscribed to when the feed starts.
+            let static_eds = |raw: &RawConfig, d: Option<&Dynamic>| -> Vec<String> {
+                raw.clusters
+                    .iter()
+                    .filter(|c| c.discovery == config::raw::DiscoveryType::Eds)
+                    .filter(|c| d.is_none_or(|d| !d.clusters.iter().any(|x| x.name == c.name)))
+                    .map(|c| c.name.clone())
+                    .collect()
+            };
+            if raw.xds.is_some()
+                && static_eds(&current.raw, self.dynamic.as_ref())
+                    != static_eds(&raw, dynamic.as_ref())
+            {
+                restart.push(format!(
+                    "{name}: adding or removing a `type: eds` cluster in the file needs a restart (it is subscribed to at start)"
+                ));
+            }
             if !restart.is_empty() {
                 return Err(restart);
             }

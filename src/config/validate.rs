@@ -60,8 +60,11 @@ impl Problems {
     }
 }
 
-/// Every problem in `raw`, in file order.
-pub fn validate(raw: &RawConfig) -> Vec<Problem> {
+/// Every problem in `raw`, in file order. Route configs from index `dynamic_from` on came
+/// from the control plane: they may name clusters it has not delivered yet (503
+/// `cluster_not_found` until it does, as in Envoy); the file's own must name known ones
+/// (Envoy's `validate_clusters`, on for static route configs).
+pub fn validate(raw: &RawConfig, dynamic_from: usize) -> Vec<Problem> {
     let mut out = Problems::default();
     if let Some(admin) = &raw.admin {
         if admin.address.parse::<SocketAddr>().is_err() {
@@ -122,7 +125,7 @@ pub fn validate(raw: &RawConfig) -> Vec<Problem> {
     for (i, rc) in raw.route_configs.iter().enumerate() {
         // With a control plane, a route may name a cluster that has not come yet: it answers
         // 503 `cluster_not_found` until the cluster exists, as in Envoy.
-        let known = raw.xds.is_none().then_some(&cluster_names);
+        let known = (raw.xds.is_none() || i < dynamic_from).then_some(&cluster_names);
         check_route_config(&mut out, i, rc, known);
     }
     for (i, c) in raw.clusters.iter().enumerate() {

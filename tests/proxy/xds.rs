@@ -421,6 +421,13 @@ async fn a_restart_with_a_cache_file_serves_while_the_control_plane_is_down() {
     let first = start().await;
     wait_ready(first.admin_address).await;
     until_served_by(listen, "b", Duration::from_secs(5)).await;
+    // The route config's ACK comes after its cache write.
+    wait_metric(
+        first.admin_address,
+        "remora_xds_updates_total{result=\"ack\",type=\"rds\"}",
+        1.0,
+    )
+    .await;
     assert!(cache.is_file(), "no cache file written");
     cp.stop();
     first.shutdown(Duration::from_secs(2)).await;
@@ -532,39 +539,73 @@ async fn a_listener_switching_route_config_keeps_serving_while_it_warms() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The control plane named as a static cluster (`xds.cluster`), and a static listener whose
-/// route names a cluster only the control plane brings: 503 `cluster_not_found` until the
-/// control plane is there, then routed (as Envoy does for a cluster not yet known).
+/// The control plane named as a static cluster (`xds.cluster`). A dynamic route naming a
+/// cluster the control plane has not delivered answers 503 `cluster_not_found` (no NACK), as
+/// in Envoy, and is routed once the cluster comes. A static route must name a known cluster
+/// (Envoy's `validate_clusters` for static route configs).
 #[tokio::test]
-async fn a_static_route_to_a_cluster_the_control_plane_brings() {
+async fn a_route_to_a_cluster_not_delivered_yet_answers_503_until_it_comes() {
+    use remora_xds::server::{AdsServer, Cache, Snapshot};
+    use std::sync::Arc;
+
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let (listen, static_listen, cp_address) = (free_address(), free_address(), free_address());
+    let listen = free_address();
+    let full = remora::config::parse(&served(listen, "a", a.port(), b.port()), "full.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut routes_first = to_envoy(&full);
+    routes_first.clusters.retain(|c| c.name != "a");
+    let cache = Arc::new(Cache::default());
+    cache.set("default", Snapshot::new(&routes_first).unwrap());
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_address = socket.local_addr().unwrap();
+    let group: remora_xds::server::GroupOf = Arc::new(|_| "default".to_string());
+    tokio::spawn(remora_xds::server::serve(
+        socket,
+        AdsServer::new(cache.clone(), group),
+    ));
+
     let yaml = format!(
-        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: mixed }}\n\
-         xds: {{ cluster: control-plane, initial_fetch_timeout: 1s }}\n\
-         listeners:\n  - {{ name: inbound, address: \"{static_listen}\", route_config: static-rc }}\n\
-         route_configs:\n  - name: static-rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: b }}] }}\n\
+        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: later }}\n\
+         xds: {{ cluster: control-plane, initial_fetch_timeout: 5s }}\n\
          clusters:\n  - {{ name: control-plane, endpoints: [{{ address: \"{cp_address}\" }}] }}\n"
     );
     let raw = remora::config::parse(&yaml, "sidecar.yaml").unwrap_or_else(|e| panic!("{e}"));
     let app = App::start(raw, ConfigSource::Inline("sidecar.yaml".into()), &yaml)
         .await
         .unwrap();
-    let r = get(&client(), static_listen, "svc", "/", &[]).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.header("x-remora-error"), "cluster_not_found");
-
-    let dir = temp_dir("static-route");
-    let path = dir.join("default.yaml");
-    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
-    let cp = remora::control_plane::start(&path, cp_address)
-        .await
-        .unwrap();
-    until_served_by(static_listen, "b", Duration::from_secs(10)).await;
-    until_served_by(listen, "a", Duration::from_secs(5)).await;
     wait_ready(app.admin_address).await;
-    cp.stop();
-    std::fs::remove_dir_all(&dir).unwrap();
+    let cl = client();
+    let started = Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            let r = get(&cl, listen, "svc", "/", &[]).await;
+            if r.status == 503 {
+                assert_eq!(r.header("x-remora-error"), "cluster_not_found");
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "listener never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cache.nacks.load(std::sync::atomic::Ordering::Relaxed), 0);
+    cache.set("default", Snapshot::new(&to_envoy(&full)).unwrap());
+    until_served_by(listen, "a", Duration::from_secs(5)).await;
+
+    // A static route naming a cluster the file does not have is refused at validation.
+    let bad = format!(
+        "{yaml}listeners:\n  - {{ name: in, address: \"{}\", route_config: rc }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: a }}] }}\n",
+        free_address()
+    );
+    let errors =
+        remora::config::parse(&bad, "bad.yaml").expect_err("a static route to an unknown cluster");
+    assert!(
+        errors.to_string().contains("unknown cluster `a`"),
+        "{errors}"
+    );
 }
 
 /// A static `type: eds` cluster serves the endpoints in the file until the control plane's

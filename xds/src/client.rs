@@ -22,8 +22,10 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Time to open the connection to the control plane.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// HTTP/2 PINGs on the stream, and how long one may go unanswered.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// HTTP/2 PINGs on the stream, and how long one may go unanswered. Five minutes: grpc-go
+/// servers (go-control-plane) answer more frequent pings on a quiet stream with GOAWAY
+/// `too_many_pings` (their default enforcement MinTime).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(300);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The names the consumer wants by RDS and EDS (those its accepted listeners and clusters
@@ -129,14 +131,6 @@ async fn session(
         Err(e) => return Session::Failed(e.to_string()),
     };
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(16);
-    let mut responses = match client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-    {
-        Ok(r) => r.into_inner(),
-        Err(status) => return Session::Failed(status.to_string()),
-    };
-    let _ = events.send(Event::Connected(true)).await;
     let mut last: HashMap<TypeUrl, Sent> = HashMap::new();
     let mut answered = false;
     let ended = |answered: bool| {
@@ -191,9 +185,25 @@ async fn session(
         );
         first = false;
         if tx.send(req).await.is_err() {
-            return Session::Served;
+            return Session::Failed("request channel closed".into());
         }
     }
+    // Only now open the stream: some servers (grpc-go, so go-control-plane) send response
+    // headers with their first response, which comes only after a request, and the call
+    // returns once headers arrive. The requests above wait in the channel.
+    let opened = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        client.stream_aggregated_resources(ReceiverStream::new(rx)),
+    )
+    .await;
+    let mut responses = match opened {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(status)) => return Session::Failed(status.to_string()),
+        Err(_) => {
+            return Session::Failed("no answer to the stream within the connect timeout".into())
+        }
+    };
+    let _ = events.send(Event::Connected(true)).await;
     let mut asked: BTreeSet<TypeUrl> = TypeUrl::ALL
         .into_iter()
         .filter(|k| !k.by_name() || !names_of(&subscribed, *k).is_empty())
