@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
+use rustls::pki_types::ServerName;
 
 use self::balance::{Cumulative, Ring, Schedule};
 use self::breaker::CircuitBreakers;
@@ -163,6 +164,9 @@ pub struct Cluster {
     /// For `ring_hash` on a header.
     pub hash_header: Option<HeaderName>,
     pub metrics: ClusterMetrics,
+    /// TLS to the endpoints: the connector and the server name (SNI), or why the cluster's
+    /// TLS files could not be loaded (every connection then fails as a connect failure).
+    pub tls: Option<Result<(tokio_rustls::TlsConnector, ServerName<'static>), String>>,
     pub breakers: Arc<CircuitBreakers>,
     pub retry_budget: RetryBudget,
     outlier: Option<OutlierConfig>,
@@ -201,6 +205,7 @@ impl Cluster {
             lb_policy: raw.lb_policy,
             hash_header,
             metrics,
+            tls: raw.tls.as_ref().map(|tls| tls_connector(raw, tls)),
             breakers: CircuitBreakers::new(raw.circuit_breakers.as_ref()),
             retry_budget: RetryBudget::new(raw.retry_budget.as_ref()),
             outlier: raw.outlier_detection.as_ref().map(OutlierConfig::new),
@@ -567,6 +572,36 @@ impl Cluster {
             }
         });
     }
+}
+
+/// The TLS connector of a cluster and the server name it sends: `sni`, else the host of the
+/// first endpoint as written.
+fn tls_connector(
+    raw: &RawCluster,
+    tls: &crate::config::raw::RawClusterTls,
+) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
+    let alpn: &[u8] = match raw.protocol {
+        UpstreamProtocol::Http2 => b"h2",
+        UpstreamProtocol::Http1 => b"http/1.1",
+    };
+    let config = crate::tls::client_config(&tls.files(), alpn).map_err(|e| e.to_string())?;
+    let host = tls.sni.clone().unwrap_or_else(|| {
+        let first = raw
+            .endpoints
+            .first()
+            .map(|e| e.address.as_str())
+            .unwrap_or("");
+        match first.rsplit_once(':') {
+            Some((host, _)) => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            None => first.to_string(),
+        }
+    });
+    let name =
+        ServerName::try_from(host.clone()).map_err(|e| format!("server name `{host}`: {e}"))?;
+    Ok((tokio_rustls::TlsConnector::from(config), name))
 }
 
 fn spawn_reaper(cluster: Weak<Cluster>, idle: Duration) {

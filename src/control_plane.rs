@@ -133,6 +133,38 @@ fn files_of(source: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
 fn load(path: &Path) -> Result<Snapshot, Vec<String>> {
     let (raw, _) = config::load_file(path)
         .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    // Not converted to xDS yet: refused rather than served without them.
+    let mut unserved = Vec::new();
+    for l in raw.listeners.iter().filter(|l| l.tls.is_some()) {
+        unserved.push(format!(
+            "{}: listener `{}`: `tls` is not served over xDS yet",
+            path.display(),
+            l.name
+        ));
+    }
+    for c in raw.clusters.iter().filter(|c| c.tls.is_some()) {
+        unserved.push(format!(
+            "{}: cluster `{}`: `tls` is not served over xDS yet",
+            path.display(),
+            c.name
+        ));
+    }
+    for rc in &raw.route_configs {
+        for vh in &rc.virtual_hosts {
+            let any =
+                vh.authorization.is_some() || vh.routes.iter().any(|r| r.authorization.is_some());
+            if any {
+                unserved.push(format!(
+                    "{}: virtual host `{}`: `authorization` is not served over xDS yet",
+                    path.display(),
+                    vh.name
+                ));
+            }
+        }
+    }
+    if !unserved.is_empty() {
+        return Err(unserved);
+    }
     let resources = config::xds::to_envoy(&raw);
     Snapshot::new(&resources).map_err(|errors| {
         errors

@@ -39,6 +39,9 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("more request headers than the listener's max_request_headers_count")]
     TooManyHeaders,
+    /// The client's principal is not among those the route admits (or it has none).
+    #[error("the client's identity is not allowed here")]
+    Forbidden,
     /// The client went away before the response (e.g. mid-upload): no one to answer, and
     /// nothing the upstream did.
     #[error("the client went away before the response")]
@@ -72,6 +75,7 @@ impl ProxyError {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
             }
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::TooManyHeaders => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request_headers_too_large",
@@ -117,6 +121,7 @@ mod tests {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let cases = [
             (ProxyError::NoRoute, 404, "no_route"),
+            (ProxyError::Forbidden, 403, "forbidden"),
             (
                 ProxyError::ClusterNotFound {
                     cluster: "c".into(),

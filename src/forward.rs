@@ -2,6 +2,7 @@
 //! `x-forwarded-*`, `x-request-id`, authority, path rewrite and the route's header edits.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Request, Response, StatusCode, Uri, Version};
@@ -10,6 +11,7 @@ use crate::body::Body;
 use crate::config::raw::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::router::{HeaderOp, PathMatch, Route};
+use crate::tls::Peer;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -138,15 +140,39 @@ pub struct Client {
     pub addr: SocketAddr,
     /// The client's IP as a header value, for `x-forwarded-for`.
     pub ip_header: HeaderValue,
+    /// `http`, or `https` on a TLS listener.
+    pub scheme: &'static str,
+    /// The verified client certificate's identity (mTLS).
+    pub peer: Option<Arc<Peer>>,
 }
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Client {
         let ip_header = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
-        Client { addr, ip_header }
+        Client {
+            addr,
+            ip_header,
+            scheme: "http",
+            peer: None,
+        }
+    }
+
+    /// The same client, over TLS, with the identity its certificate proved, if any.
+    pub fn over_tls(mut self, peer: Option<Arc<Peer>>) -> Client {
+        self.scheme = "https";
+        self.peer = peer;
+        self
+    }
+
+    /// The principal of the client's certificate.
+    pub fn principal(&self) -> Option<&str> {
+        self.peer.as_ref().and_then(|p| p.principal.as_deref())
     }
 }
+
+/// The header carrying the client's verified certificate upstream (Envoy's).
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// What the upstream request needs from the downstream side.
 pub struct Downstream<'a> {
@@ -171,6 +197,11 @@ pub fn upstream_request(
 ) -> Result<Request<Body>, ProxyError> {
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, down.upgrade);
+    // Only remora vouches for a client certificate: a client-sent XFCC never passes.
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    if let Some(peer) = &down.client.peer {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), peer.xfcc.clone());
+    }
 
     let xff = match headers.get(&X_FORWARDED_FOR) {
         Some(prev) if !prev.is_empty() => {

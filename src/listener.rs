@@ -95,10 +95,27 @@ fn context(
             })?),
         },
     };
+    let tls = match &settings.tls {
+        None => None,
+        Some(tls) => {
+            let config = crate::tls::server_config(&tls.files()).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("listener `{}`: TLS: {e}", settings.name),
+                )
+            })?;
+            let by = crate::tls::certificates(&tls.cert_file)
+                .ok()
+                .and_then(|c| c.first().map(|leaf| crate::tls::subject_alt_names(leaf)))
+                .and_then(|sans| sans.into_iter().find(|s| s.contains("://")));
+            Some((tokio_rustls::TlsAcceptor::from(config), by))
+        }
+    };
     Ok(Arc::new(ListenerContext {
         settings,
         store,
         access_log,
+        tls,
     }))
 }
 
@@ -153,6 +170,7 @@ impl Listener {
                     settings: kept,
                     store,
                     access_log: previous.access_log.clone(),
+                    tls: previous.tls.clone(),
                 });
                 (ctx, Err(e))
             }

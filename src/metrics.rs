@@ -32,6 +32,7 @@ pub struct Metrics {
     downstream_connections_total: IntCounterVec,
     downstream_connections_overflow: IntCounterVec,
     local_replies: IntCounterVec,
+    tls_handshakes: IntCounterVec,
     upstream_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_connections_active: IntGaugeVec,
@@ -107,6 +108,12 @@ impl Metrics {
         r.register(Box::new(xds_last_update.clone()))
             .expect("unique metric");
         let m = Metrics {
+            tls_handshakes: counter(
+                &r,
+                "remora_tls_handshakes_total",
+                "TLS handshakes on HTTPS listeners, by result (success, failure).",
+                &["listener", "result"],
+            ),
             xds_apply_duration: histogram(
                 &r,
                 "remora_xds_apply_duration_seconds",
@@ -267,6 +274,8 @@ impl Metrics {
                 .downstream_connections_overflow
                 .with_label_values(&[name]),
             local_replies: self.local_replies.clone(),
+            tls_failed: self.tls_handshakes.with_label_values(&[name, "failure"]),
+            tls_ok: self.tls_handshakes.with_label_values(&[name, "success"]),
             name: name.to_string(),
         }
     }
@@ -308,10 +317,17 @@ pub struct ListenerMetrics {
     pub connections_total: IntCounter,
     pub connections_overflow: IntCounter,
     local_replies: IntCounterVec,
+    tls_failed: IntCounter,
+    pub tls_ok: IntCounter,
     name: String,
 }
 
 impl ListenerMetrics {
+    /// A TLS handshake failed (no or a wrong client certificate, a protocol error, timeout).
+    pub fn tls_handshake_failure(&self) {
+        self.tls_failed.inc();
+    }
+
     pub fn request(&self, status: u16, seconds: f64) {
         self.requests[class_index(status)].inc();
         self.duration.observe(seconds);

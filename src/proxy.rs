@@ -37,6 +37,8 @@ pub struct ListenerContext {
     pub settings: ListenerSettings,
     pub store: Arc<SnapshotStore>,
     pub access_log: Option<AccessLog>,
+    /// The TLS acceptor of an HTTPS listener, and its own URI SAN (the `By=` of XFCC).
+    pub tls: Option<(tokio_rustls::TlsAcceptor, Option<String>)>,
 }
 
 /// Serves one request. Never fails: errors become local replies (see `error.rs`).
@@ -107,6 +109,12 @@ async fn proxy(
         .find(authority, &parts.method, parts.uri.path(), &parts.headers)
         .ok_or(ProxyError::NoRoute)?;
     record.route = Some(route.name.clone());
+    // Authorization: only the principals the route (or its virtual host) admits.
+    if let Some(principals) = &route.principals {
+        if !crate::tls::admits(principals, client.principal()) {
+            return Err(ProxyError::Forbidden);
+        }
+    }
     let cluster = match &route.action {
         Action::Direct { status, body } => return Ok(direct(route, *status, body.clone())),
         action => match action.pick_cluster().expect("cluster action") {
@@ -147,7 +155,7 @@ async fn proxy(
     };
     let down = Downstream {
         client,
-        scheme: "http",
+        scheme: client.scheme,
         authority,
         upgrade,
     };

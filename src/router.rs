@@ -51,6 +51,8 @@ pub struct Route {
     /// Upgrade protocols (lowercase) this route enables or disables; `websocket` is enabled
     /// unless listed as disabled, every other protocol only when listed as enabled.
     pub upgrades: Vec<(String, bool)>,
+    /// The principals admitted (the route's, else its virtual host's); `None`: anyone.
+    pub principals: Option<Arc<[String]>>,
 }
 
 impl Route {
@@ -314,6 +316,7 @@ mod tests {
                 timeout: None,
                 retry_policy: None,
                 upgrades: vec![],
+                principals: None,
             }],
         }
     }

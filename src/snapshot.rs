@@ -39,6 +39,8 @@ pub struct ListenerSettings {
     /// Merge runs of slashes before routing. Default false.
     pub merge_slashes: bool,
     pub access_log: Option<PathBuf>,
+    /// HTTPS, as configured. Default: plain.
+    pub tls: Option<crate::config::raw::RawListenerTls>,
     pub metrics: ListenerMetrics,
 }
 

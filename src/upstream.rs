@@ -50,6 +50,12 @@ pub enum UpstreamError {
     Overflow(Resource),
     #[error("upstream {addr} switched to a protocol the route does not allow")]
     UnexpectedUpgrade { addr: SocketAddr },
+    #[error("TLS to {addr} failed")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl UpstreamError {
@@ -109,6 +115,7 @@ impl UpstreamError {
             UpstreamError::Connect { .. }
                 | UpstreamError::ConnectTimeout { .. }
                 | UpstreamError::Handshake { .. }
+                | UpstreamError::Tls { .. }
         )
     }
 }
@@ -373,7 +380,7 @@ async fn h2_sender(
     }
     let addr = ep.address;
     let permit = acquire(cluster, Resource::Connections)?;
-    let stream = connect_tcp(cluster, addr).await?;
+    let stream = connect_io(cluster, addr).await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(stream))
         .await
@@ -442,13 +449,107 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// A connection to an endpoint: plain TCP, or TLS over it for a TLS cluster.
+enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens a connection to `addr`, with the cluster's TLS if it has one. A failed TLS handshake
+/// is a connect failure (the request never left), with the TLS reason.
+async fn connect_io(cluster: &Cluster, addr: SocketAddr) -> Result<UpstreamIo, UpstreamError> {
+    let stream = connect_tcp(cluster, addr).await?;
+    let Some(tls) = &cluster.tls else {
+        return Ok(UpstreamIo::Plain(stream));
+    };
+    let failed = |source: io::Error| {
+        cluster.metrics.connect_failures.inc();
+        tracing::warn!(cluster = %cluster.name, %addr, error = %source, "upstream TLS handshake failed");
+        UpstreamError::Tls { addr, source }
+    };
+    let (connector, name) = tls
+        .as_ref()
+        .map_err(|e| failed(io::Error::new(io::ErrorKind::InvalidInput, e.clone())))?;
+    match tokio::time::timeout(
+        cluster.connect_timeout,
+        connector.connect(name.clone(), stream),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => Ok(UpstreamIo::Tls(Box::new(tls))),
+        Ok(Err(e)) => Err(failed(e)),
+        Err(_) => Err(failed(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        ))),
+    }
+}
+
 async fn connect_h1(
     cluster: &Cluster,
     addr: SocketAddr,
     upgrades: bool,
 ) -> Result<(http1::SendRequest<Body>, Arc<ConnectionSlot>), UpstreamError> {
     let permit = acquire(cluster, Resource::Connections)?;
-    let stream = connect_tcp(cluster, addr).await?;
+    let stream = connect_io(cluster, addr).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

@@ -103,6 +103,7 @@ fn listener(l: &RawListener, metrics: &Metrics) -> ListenerSettings {
         normalize_path: l.normalize_path,
         merge_slashes: l.merge_slashes,
         access_log: l.access_log.as_ref().map(|a| a.path.clone().into()),
+        tls: l.tls.clone(),
         metrics: metrics.listener(&l.name),
     }
 }
@@ -206,6 +207,11 @@ fn route(
             .as_ref()
             .or(vhost.retry_policy.as_ref())
             .map(RetryPolicy::new),
+        principals: r
+            .authorization
+            .as_ref()
+            .or(vhost.authorization.as_ref())
+            .map(|a| a.principals.clone().into()),
         upgrades: r
             .upgrade_configs
             .iter()

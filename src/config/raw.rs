@@ -158,6 +158,9 @@ pub struct RawListener {
     /// `merge_slashes`. Default `false`.
     #[serde(default)]
     pub merge_slashes: bool,
+    /// Serve HTTPS (and with `client_ca_file`, require client certificates). Default: plain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawListenerTls>,
     /// JSON-lines access log for this listener. Default: none.
     #[serde(default)]
     pub access_log: Option<RawAccessLog>,
@@ -194,6 +197,59 @@ pub struct RawVirtualHost {
     /// Retry policy for routes that set none. Default: none.
     #[serde(default)]
     pub retry_policy: Option<RawRetryPolicy>,
+    /// Which verified client identities may use this virtual host (routes may set their
+    /// own). Default: anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<RawAuthorization>,
+}
+
+/// A listener's TLS.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS). Default: none
+    /// (no client certificate asked for).
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
+    /// ALPN protocols offered, in order of preference. Default `[h2, http/1.1]`.
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+}
+
+/// A cluster's TLS to its endpoints.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawClusterTls {
+    /// Server name sent (SNI) and, without `verify_subject_alt_names`, checked against the
+    /// certificate. Default: the endpoint's host.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// PEM CA bundle that must have signed the endpoint's certificate. Required.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM client certificate chain for mTLS. Default: none.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// The endpoint's certificate must carry one of these as a URI or DNS SAN (e.g. a SPIFFE
+    /// ID); then the SNI name is not checked. Default: check the SNI name.
+    #[serde(default)]
+    pub verify_subject_alt_names: Vec<String>,
+}
+
+/// Who may use a virtual host or route.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthorization {
+    /// Peer principals admitted: the URI SAN (SPIFFE ID) of the client certificate, else its
+    /// first DNS SAN. Exact, or a prefix ending in `*`. Others, and plain-text peers, get 403.
+    pub principals: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -245,6 +301,9 @@ pub struct RawRoute {
     /// plain request without its `Upgrade` headers (h2c is never tunnelled).
     #[serde(default)]
     pub upgrade_configs: Vec<RawUpgradeConfig>,
+    /// Who may use this route; overrides the virtual host's. Default: the virtual host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<RawAuthorization>,
 }
 
 /// One upgrade protocol a route tunnels or refuses.
@@ -486,6 +545,9 @@ pub struct RawCluster {
     /// rather than overload the few. Default 50; 0 disables.
     #[serde(default)]
     pub panic_threshold: Option<u32>,
+    /// TLS to the endpoints. Default: plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawClusterTls>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -596,4 +658,27 @@ pub struct RawEndpoint {
     /// Relative weight, 1 to 10000. Default 1.
     #[serde(default)]
     pub weight: Option<u32>,
+}
+
+impl RawListenerTls {
+    /// The files, as the TLS module takes them.
+    pub fn files(&self) -> crate::tls::ServerFiles<'_> {
+        crate::tls::ServerFiles {
+            cert_file: &self.cert_file,
+            key_file: &self.key_file,
+            client_ca_file: self.client_ca_file.as_deref(),
+            alpn: self.alpn.as_deref(),
+        }
+    }
+}
+
+impl RawClusterTls {
+    /// The files, as the TLS module takes them.
+    pub fn files(&self) -> crate::tls::ClientFiles<'_> {
+        crate::tls::ClientFiles {
+            ca_file: self.ca_file.as_deref().unwrap_or_default(),
+            cert: self.cert_file.as_deref().zip(self.key_file.as_deref()),
+            verify_subject_alt_names: &self.verify_subject_alt_names,
+        }
+    }
 }

@@ -240,6 +240,12 @@ fn check_listeners(out: &mut Problems, raw: &RawConfig, route_names: &HashSet<&s
                 format!("must be between 1 and {MAX_CONNECTIONS_BOUND}"),
             );
         }
+        if let Some(tls) = &l.tls {
+            // `validate` reads the files, so a config that validates has loadable TLS.
+            if let Err(e) = crate::tls::server_config(&tls.files()) {
+                out.add(p!["listeners", i, "tls"], e.to_string());
+            }
+        }
         if let Some(log) = &l.access_log {
             if log.path.is_empty() {
                 out.add(
@@ -679,6 +685,21 @@ fn check_resilience(out: &mut Problems, i: usize, c: &RawCluster) {
 
 fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster) {
     check_resilience(out, i, c);
+    if let Some(tls) = &c.tls {
+        if tls.ca_file.is_none() {
+            out.add(
+                p!["clusters", i, "tls", "ca_file"],
+                "is required: the CA that signs the endpoints' certificates",
+            );
+        } else if tls.cert_file.is_some() != tls.key_file.is_some() {
+            out.add(
+                p!["clusters", i, "tls"],
+                "`cert_file` and `key_file` go together",
+            );
+        } else if let Err(e) = crate::tls::client_config(&tls.files(), b"http/1.1") {
+            out.add(p!["clusters", i, "tls"], e.to_string());
+        }
+    }
     // An EDS cluster may have no endpoint yet (its assignment can be empty): it answers 503.
     if c.endpoints.is_empty() && c.discovery != DiscoveryType::Eds {
         out.add(

@@ -341,6 +341,7 @@ fn listener_from(
     };
 
     let mut listener = RawListener {
+        tls: None,
         name: l.name.clone(),
         address,
         protocol: ListenerProtocol::Auto,
@@ -1041,6 +1042,7 @@ fn vhost_from(v: &rt::VirtualHost, at: &At<'_>, e: &mut Errs) -> RawVirtualHost 
         .map(|(i, r)| route_from(r, retry_policy.as_ref(), &at.item("routes", i), e))
         .collect();
     RawVirtualHost {
+        authorization: None,
         name: v.name.clone(),
         domains: v.domains.clone(),
         routes,
@@ -1069,6 +1071,7 @@ fn route_from(
         }
     };
     let mut route = RawRoute {
+        authorization: None,
         name: (!r.name.is_empty()).then(|| r.name.clone()),
         route_match,
         cluster: None,
@@ -2038,6 +2041,7 @@ fn cluster_from(
         }
     };
     RawCluster {
+        tls: None,
         name: c.name.clone(),
         discovery,
         lb_policy,

@@ -23,6 +23,7 @@ use super::{ConnectionPermit, Phase};
 use crate::config::raw::ListenerProtocol;
 use crate::forward::Client;
 use crate::proxy::{self, ListenerContext};
+use crate::tls::Peer;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -147,28 +148,82 @@ pub async fn serve(
         gauge,
         phase: phase.clone(),
     });
+    let limit = settings
+        .request_headers_timeout
+        .unwrap_or(Duration::from_secs(3600));
+    if let Some((acceptor, by)) = &ctx.tls {
+        // HTTPS: the handshake within the request-headers timeout; ALPN picks the protocol.
+        let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                settings.metrics.tls_handshake_failure();
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                settings.metrics.tls_handshake_failure();
+                return;
+            }
+        };
+        settings.metrics.tls_ok.inc();
+        let (_, session) = tls.get_ref();
+        let alpn_h2 = session.alpn_protocol() == Some(b"h2");
+        let identity = session
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .map(|leaf| Arc::new(Peer::new(leaf, by.as_deref())));
+        let protocol = match settings.protocol {
+            ListenerProtocol::Http1 => Protocol::Http1,
+            ListenerProtocol::Http2 => Protocol::Http2,
+            ListenerProtocol::Auto if alpn_h2 => Protocol::Http2,
+            ListenerProtocol::Auto => Protocol::Http1,
+        };
+        let client = Client::new(peer).over_tls(identity);
+        serve_http(current, &ctx, tls, protocol, client, state, phase).await;
+        return;
+    }
     let protocol = match settings.protocol {
         ListenerProtocol::Http1 => Some(Protocol::Http1),
         ListenerProtocol::Http2 => Some(Protocol::Http2),
-        ListenerProtocol::Auto => {
-            let limit = settings
-                .request_headers_timeout
-                .unwrap_or(Duration::from_secs(3600));
-            tokio::time::timeout(limit, detect(&stream))
-                .await
-                .ok()
-                .flatten()
-        }
+        ListenerProtocol::Auto => tokio::time::timeout(limit, detect(&stream))
+            .await
+            .ok()
+            .flatten(),
     };
     let Some(protocol) = protocol else {
         return;
     };
+    serve_http(
+        current,
+        &ctx,
+        stream,
+        protocol,
+        Client::new(peer),
+        state,
+        phase,
+    )
+    .await;
+}
+
+/// Serves HTTP on an accepted (and for HTTPS, handshaken) connection.
+async fn serve_http<IO>(
+    current: Arc<ArcSwap<ListenerContext>>,
+    ctx: &ListenerContext,
+    stream: IO,
+    protocol: Protocol,
+    client: Client,
+    state: Arc<ConnState>,
+    phase: watch::Receiver<Phase>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = &ctx.settings;
     let io = TokioIo::new(Watched {
         inner: stream,
         state: (protocol == Protocol::Http1).then(|| state.clone()),
     });
     let service = {
-        let (state, client) = (state.clone(), Client::new(peer));
+        let state = state.clone();
         service_fn(move |req| {
             proxy::handle(
                 current.load_full(),
@@ -316,12 +371,12 @@ async fn drive<C, E>(
 }
 
 /// The client socket, noting when bytes arrive between requests (HTTP/1.1 only).
-struct Watched {
-    inner: TcpStream,
+struct Watched<IO> {
+    inner: IO,
     state: Option<Arc<ConnState>>,
 }
 
-impl AsyncRead for Watched {
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -338,7 +393,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -14,5 +14,6 @@ mod resilience;
 mod routing;
 mod streaming;
 mod support;
+mod tls;
 mod tunnels;
 mod xds;

@@ -1,0 +1,292 @@
+//! TLS with rustls (ring): listener server configs (optionally requiring client
+//! certificates), cluster client configs (CA, client certificate, SAN checks), and peer
+//! identities (the principal: URI SAN, else the first DNS SAN).
+
+use std::io::BufReader;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+/// Why TLS material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate in it")]
+    NoCertificate { path: String },
+    #[error("{path}: no PEM private key in it")]
+    NoKey { path: String },
+    #[error("TLS settings refused: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("CA bundle refused: {0}")]
+    Verifier(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// The certificates in a PEM file.
+pub fn certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(pem.as_slice()))
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    rustls_pemfile::private_key(&mut BufReader::new(pem.as_slice()))
+        .map_err(|source| TlsError::Read {
+            path: path.to_string(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::NoKey {
+            path: path.to_string(),
+        })
+}
+
+fn roots(path: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in certificates(path)? {
+        store
+            .add(cert)
+            .map_err(|e| TlsError::Verifier(format!("{path}: {e}")))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// What a TLS listener serves with (paths to PEM files).
+pub struct ServerFiles<'a> {
+    pub cert_file: &'a str,
+    pub key_file: &'a str,
+    /// Clients must present a certificate this CA bundle signed.
+    pub client_ca_file: Option<&'a str>,
+    /// ALPN protocols offered; default `h2`, `http/1.1`.
+    pub alpn: Option<&'a [String]>,
+}
+
+/// What a TLS cluster connects with (paths to PEM files).
+pub struct ClientFiles<'a> {
+    pub ca_file: &'a str,
+    /// Client certificate chain and key, for mTLS.
+    pub cert: Option<(&'a str, &'a str)>,
+    /// SANs one of which the server's certificate must carry (then the name is not checked).
+    pub verify_subject_alt_names: &'a [String],
+}
+
+/// The server config of a TLS listener.
+pub fn server_config(tls: &ServerFiles<'_>) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = certificates(tls.cert_file)?;
+    let key = private_key(tls.key_file)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match tls.client_ca_file {
+        Some(ca) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(format!("{ca}: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = match tls.alpn {
+        Some(alpn) => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        None => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
+    Ok(Arc::new(config))
+}
+
+/// The client config of a TLS cluster; `alpn` is what the cluster speaks.
+pub fn client_config(tls: &ClientFiles<'_>, alpn: &[u8]) -> Result<Arc<ClientConfig>, TlsError> {
+    let ca = tls.ca_file;
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots(ca)?, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(format!("{ca}: {e}")))?;
+    let verifier = Arc::new(SanVerifier {
+        inner: webpki,
+        names: tls.verify_subject_alt_names.to_vec(),
+    });
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match tls.cert {
+        Some((cert, key)) => {
+            builder.with_client_auth_cert(certificates(cert)?, private_key(key)?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The chain checked by webpki; then, with `names`, the leaf's SANs instead of the SNI name
+/// (a SPIFFE certificate has a URI SAN and no DNS name), as Envoy's
+/// `match_typed_subject_alt_names`.
+#[derive(Debug)]
+struct SanVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    names: Vec<String>,
+}
+
+impl ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let checked =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now);
+        if self.names.is_empty() {
+            return checked;
+        }
+        match checked {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        let sans = subject_alt_names(end_entity);
+        if sans.iter().any(|s| self.names.contains(s)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the certificate's SANs {sans:?} match none of verify_subject_alt_names"
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A certificate's URI SANs, then its DNS SANs.
+pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    let names = &san.value.general_names;
+    let uris = names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => Some(u.to_string()),
+        _ => None,
+    });
+    let dns = names.iter().filter_map(|n| match n {
+        GeneralName::DNSName(d) => Some(d.to_string()),
+        _ => None,
+    });
+    uris.chain(dns).collect()
+}
+
+/// A verified peer: its principal and the `x-forwarded-client-cert` value it earns.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The URI SAN (SPIFFE ID), else the first DNS SAN.
+    pub principal: Option<Arc<str>>,
+    /// Envoy's format: `Hash=<sha256 of the DER>;URI=<uri SAN>` (`By=` first when the
+    /// listener's own certificate has a URI SAN).
+    pub xfcc: http::HeaderValue,
+}
+
+impl Peer {
+    /// From the client's leaf certificate; `by` is the listener's own URI SAN, if any.
+    pub fn new(leaf: &[u8], by: Option<&str>) -> Peer {
+        let sans = subject_alt_names(leaf);
+        let principal: Option<Arc<str>> = sans.first().map(|s| s.as_str().into());
+        let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
+        let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut xfcc = String::new();
+        if let Some(by) = by {
+            xfcc.push_str(&format!("By={by};"));
+        }
+        xfcc.push_str(&format!("Hash={hex}"));
+        if let Some(uri) = sans.iter().find(|s| s.contains("://")) {
+            xfcc.push_str(&format!(";URI={uri}"));
+        }
+        let xfcc = http::HeaderValue::from_str(&xfcc)
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+        Peer { principal, xfcc }
+    }
+}
+
+/// Whether `principal` is admitted by `patterns` (exact, or a prefix ending in `*`).
+pub fn admits(patterns: &[String], principal: Option<&str>) -> bool {
+    let Some(p) = principal else {
+        return false;
+    };
+    patterns.iter().any(|pat| match pat.strip_suffix('*') {
+        Some(prefix) => p.starts_with(prefix),
+        None => p == pat,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principals_match_exactly_or_by_prefix() {
+        let pats = vec![
+            "spiffe://mesh.local/ns/shop/sa/*".to_string(),
+            "spiffe://mesh.local/ns/pay/sa/pay".to_string(),
+        ];
+        assert!(admits(&pats, Some("spiffe://mesh.local/ns/shop/sa/web")));
+        assert!(admits(&pats, Some("spiffe://mesh.local/ns/pay/sa/pay")));
+        assert!(!admits(&pats, Some("spiffe://mesh.local/ns/pay/sa/payx")));
+        assert!(!admits(&pats, None));
+    }
+}

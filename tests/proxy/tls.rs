@@ -1,0 +1,305 @@
+//! TLS: HTTPS listeners (curl over HTTP/1.1 and HTTP/2), mTLS with SPIFFE principals,
+//! authorization, XFCC, and TLS to upstreams (CA, SAN checks, client certificates).
+//! Certificates are made at test time with rcgen.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+
+use crate::support::*;
+
+/// A CA and the leaf certificates it signs, as PEM files in a directory of their own.
+struct Pki {
+    dir: PathBuf,
+    ca_params: CertificateParams,
+    ca_key: KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("remora-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki {
+            dir,
+            ca_params,
+            ca_key,
+        }
+    }
+
+    fn ca(&self) -> String {
+        self.dir.join("ca.pem").display().to_string()
+    }
+
+    /// A leaf for `dns` names and, if given, a URI SAN (a SPIFFE ID): (cert path, key path).
+    fn leaf(&self, stem: &str, dns: &[&str], uri: Option<&str>) -> (String, String) {
+        let mut params =
+            CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().unwrap()));
+        }
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{stem}.pem")),
+            self.dir.join(format!("{stem}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// curl against `https://localhost:<port><path>` with the CA and extra arguments; returns
+/// (exit success, HTTP status, body, http version).
+fn curl(addr: SocketAddr, path: &str, ca: &str, extra: &[&str]) -> (bool, u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", ca])
+        .args(["--resolve", &format!("localhost:{}:127.0.0.1", addr.port())])
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(extra)
+        .arg(format!("https://localhost:{}{path}", addr.port()))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut tail = tail.split(' ');
+    let status = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let version = tail.next().unwrap_or("").to_string();
+    (out.status.success(), status, body.to_string(), version)
+}
+
+/// One HTTPS listener `main` in front of cluster `up`; `listener_tls` and `vhost_extra` are
+/// inserted as flow-mapping entries.
+fn https_config(listener_tls: &str, vhost_extra: &str, up: u16) -> String {
+    format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc, tls: {{ {listener_tls} }} }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"]{vhost_extra}, routes: [{{ match: {{ prefix: / }}, cluster: up }}] }}\n\
+         clusters:\n  - {{ name: up, endpoints: [{{ address: \"127.0.0.1:{up}\" }}] }}\n"
+    )
+}
+
+/// An HTTPS listener answers curl over HTTP/1.1 and, chosen by ALPN, HTTP/2.
+#[tokio::test]
+async fn https_over_http1_and_http2() {
+    let pki = Pki::new("https");
+    let (cert, key) = pki.leaf("server", &["localhost"], None);
+    let up = Upstream::start("up").await;
+    let p = proxy(&https_config(
+        &format!("cert_file: \"{cert}\", key_file: \"{key}\""),
+        "",
+        up.port(),
+    ))
+    .await;
+    let ca = pki.ca();
+    let addr = p.addr;
+    let (ok, status, body, version) =
+        tokio::task::spawn_blocking(move || curl(addr, "/", &ca, &["--http1.1"]))
+            .await
+            .unwrap();
+    assert!(ok && status == 200 && body == "up", "{status} {body}");
+    assert_eq!(version, "1.1");
+    let ca = pki.ca();
+    let (ok, status, body, version) =
+        tokio::task::spawn_blocking(move || curl(addr, "/", &ca, &["--http2"]))
+            .await
+            .unwrap();
+    assert!(ok && status == 200 && body == "up", "{status} {body}");
+    assert_eq!(version, "2");
+    let seen = up.seen();
+    assert_eq!(seen[0].headers["x-forwarded-proto"], "https");
+}
+
+/// mTLS: no certificate, or one from another CA, fails the handshake; a certificate from the
+/// CA with an admitted SPIFFE ID is served, its identity upstream in XFCC (a client-sent one
+/// removed); an identity not admitted gets 403 `forbidden`.
+#[tokio::test]
+async fn mtls_principals_authorization_and_xfcc() {
+    let pki = Pki::new("mtls");
+    let other = Pki::new("other");
+    let (cert, key) = pki.leaf(
+        "server",
+        &["localhost"],
+        Some("spiffe://mesh.local/ns/shop/sa/inbound"),
+    );
+    let (web, web_key) = pki.leaf("web", &[], Some("spiffe://mesh.local/ns/shop/sa/web"));
+    let (batch, batch_key) = pki.leaf("batch", &[], Some("spiffe://mesh.local/ns/jobs/sa/batch"));
+    let (stranger, stranger_key) =
+        other.leaf("web", &[], Some("spiffe://mesh.local/ns/shop/sa/web"));
+    let up = Upstream::start("up").await;
+    let p = proxy(&https_config(
+        &format!(
+            "cert_file: \"{cert}\", key_file: \"{key}\", client_ca_file: \"{}\"",
+            pki.ca()
+        ),
+        ", authorization: { principals: [\"spiffe://mesh.local/ns/shop/sa/*\"] }",
+        up.port(),
+    ))
+    .await;
+    let addr = p.addr;
+    let run = |args: Vec<String>| {
+        let ca = pki.ca();
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(addr, "/", &ca, &refs)
+        })
+    };
+    let (ok, _, _, _) = run(vec![]).await.unwrap();
+    assert!(!ok, "served without a client certificate");
+    let (ok, _, _, _) = run(vec![
+        "--cert".into(),
+        stranger,
+        "--key".into(),
+        stranger_key,
+    ])
+    .await
+    .unwrap();
+    assert!(!ok, "served a certificate from another CA");
+    let (ok, status, body, _) = run(vec![
+        "--cert".into(),
+        web,
+        "--key".into(),
+        web_key,
+        "-H".into(),
+        "x-forwarded-client-cert: By=spiffe://forged;URI=spiffe://mesh.local/ns/admin/sa/root"
+            .into(),
+    ])
+    .await
+    .unwrap();
+    assert!(ok && status == 200 && body == "up", "{status} {body}");
+    let xfcc = up.seen()[0].headers["x-forwarded-client-cert"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        xfcc.starts_with("By=spiffe://mesh.local/ns/shop/sa/inbound;Hash="),
+        "{xfcc}"
+    );
+    assert!(
+        xfcc.ends_with(";URI=spiffe://mesh.local/ns/shop/sa/web"),
+        "{xfcc}"
+    );
+    assert!(
+        !xfcc.contains("forged") && !xfcc.contains("admin"),
+        "{xfcc}"
+    );
+    let (ok, status, body, _) = run(vec!["--cert".into(), batch, "--key".into(), batch_key])
+        .await
+        .unwrap();
+    assert!(ok && status == 403, "{status} {body}");
+    assert_eq!(up.hits(), 1, "a forbidden request reached the upstream");
+}
+
+/// TLS to the upstream: a second remora terminates HTTPS (requiring client certificates) in
+/// front of the real upstream. The first checks the CA and the SPIFFE SAN and presents its
+/// own certificate: served, its identity at the upstream. A SAN that does not match is a
+/// connect failure, 503.
+#[tokio::test]
+async fn tls_to_the_upstream_with_san_checks_and_a_client_certificate() {
+    let pki = Pki::new("upstream");
+    let (backend_cert, backend_key) = pki.leaf(
+        "backend",
+        &[],
+        Some("spiffe://mesh.local/ns/shop/sa/payments"),
+    );
+    let (front_cert, front_key) =
+        pki.leaf("front", &[], Some("spiffe://mesh.local/ns/shop/sa/web"));
+    let up = Upstream::start("payments").await;
+    let backend = proxy(&https_config(
+        &format!(
+            "cert_file: \"{backend_cert}\", key_file: \"{backend_key}\", client_ca_file: \"{}\"",
+            pki.ca()
+        ),
+        "",
+        up.port(),
+    ))
+    .await;
+    let front = |san: &str| {
+        format!(
+            "admin: {{ address: 127.0.0.1:0 }}\n\
+             listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc }}\n\
+             route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: payments }}] }}\n\
+             clusters:\n  - name: payments\n    endpoints: [{{ address: \"{}\" }}]\n    tls: {{ ca_file: \"{}\", cert_file: \"{front_cert}\", key_file: \"{front_key}\", verify_subject_alt_names: [\"{san}\"] }}\n",
+            backend.addr,
+            pki.ca()
+        )
+    };
+    let good = proxy(&front("spiffe://mesh.local/ns/shop/sa/payments")).await;
+    let r = get(&client(), good.addr, "svc", "/", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body.as_str()),
+        (200, "payments"),
+        "{}",
+        r.header("x-remora-error")
+    );
+    let xfcc = up.seen()[0].headers["x-forwarded-client-cert"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        xfcc.ends_with("URI=spiffe://mesh.local/ns/shop/sa/web"),
+        "{xfcc}"
+    );
+
+    let wrong = proxy(&front("spiffe://mesh.local/ns/shop/sa/someone-else")).await;
+    let r = get(&client(), wrong.addr, "svc", "/", &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-remora-error"), "upstream_connect_failure");
+    assert_eq!(up.hits(), 1);
+}
+
+/// A client-sent XFCC never passes, on a plain-text listener either.
+#[tokio::test]
+async fn a_client_sent_xfcc_is_removed() {
+    let up = Upstream::start("up").await;
+    let p = proxy_to(&up).await;
+    let r = get(
+        &client(),
+        p.addr,
+        "svc",
+        "/",
+        &[("x-forwarded-client-cert", "URI=spiffe://forged")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(!up.seen()[0].headers.contains_key("x-forwarded-client-cert"));
+}
+
+/// `remora validate` reads the TLS files: a missing key or a file without a certificate is a
+/// located error.
+#[test]
+fn tls_files_are_checked_by_validation() {
+    let pki = Pki::new("validate");
+    let (cert, _) = pki.leaf("server", &["localhost"], None);
+    let missing = Path::new(&pki.dir).join("nope.pem").display().to_string();
+    let yaml = https_config(
+        &format!("cert_file: \"{cert}\", key_file: \"{missing}\""),
+        "",
+        1,
+    );
+    let errors = remora::config::parse(&yaml, "tls.yaml").expect_err("a missing key file");
+    let text = errors.to_string();
+    assert!(
+        text.contains("listeners[0].tls") && text.contains("nope.pem"),
+        "{text}"
+    );
+}
