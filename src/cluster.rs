@@ -224,6 +224,9 @@ impl Cluster {
             rebuild_queued: AtomicBool::new(false),
             weak_self: weak_self.clone(),
         });
+        // Connections made under other TLS settings or another protocol must not be reused:
+        // then the endpoints start afresh (pools, and with them breaker and health state).
+        let previous = previous.filter(|p| p.raw.tls == raw.tls && p.raw.protocol == raw.protocol);
         if let Some(previous) = previous {
             cluster.members.store(previous.members());
             let carried = previous

@@ -199,8 +199,8 @@ pub fn upstream_request(
     strip_hop_by_hop(headers, down.upgrade);
     // Only remora vouches for a client certificate: a client-sent XFCC never passes.
     headers.remove(&X_FORWARDED_CLIENT_CERT);
-    if let Some(peer) = &down.client.peer {
-        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), peer.xfcc.clone());
+    if let Some(xfcc) = down.client.peer.as_ref().and_then(|p| p.xfcc.clone()) {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), xfcc);
     }
 
     let xff = match headers.get(&X_FORWARDED_FOR) {

@@ -98,7 +98,21 @@ fn context(
     let tls = match &settings.tls {
         None => None,
         Some(tls) => {
-            let config = crate::tls::server_config(&tls.files()).map_err(|e| {
+            // ALPN offers what the listener speaks: a client must not negotiate h2 on an
+            // HTTP/1.1-only listener.
+            let alpn: Vec<String> = tls.alpn.clone().unwrap_or_else(|| {
+                let offered: &[&str] = match settings.protocol {
+                    crate::config::raw::ListenerProtocol::Http1 => &["http/1.1"],
+                    crate::config::raw::ListenerProtocol::Http2 => &["h2"],
+                    crate::config::raw::ListenerProtocol::Auto => &["h2", "http/1.1"],
+                };
+                offered.iter().map(|p| p.to_string()).collect()
+            });
+            let files = crate::tls::ServerFiles {
+                alpn: Some(&alpn),
+                ..tls.files()
+            };
+            let config = crate::tls::server_config(&files).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("listener `{}`: TLS: {e}", settings.name),
@@ -106,8 +120,8 @@ fn context(
             })?;
             let by = crate::tls::certificates(&tls.cert_file)
                 .ok()
-                .and_then(|c| c.first().map(|leaf| crate::tls::subject_alt_names(leaf)))
-                .and_then(|sans| sans.into_iter().find(|s| s.contains("://")));
+                .and_then(|c| c.first().map(|leaf| crate::tls::sans(leaf)))
+                .and_then(|sans| sans.uris.into_iter().next());
             Some((tokio_rustls::TlsAcceptor::from(config), by))
         }
     };
@@ -151,33 +165,22 @@ impl Listener {
         self.ctx.load().settings.clone()
     }
 
-    /// Applies new settings for the same address: connections accepted from now on use
-    /// them, requests on open connections route by them, and a lower `max_connections`
-    /// holds new connections back until enough open ones have closed.
-    /// If the new access log cannot be opened, the previous one stays (the error is
-    /// returned) but every other setting, routing included, still applies.
-    pub fn update(&self, settings: ListenerSettings, store: Arc<SnapshotStore>) -> io::Result<()> {
-        let max = settings.max_connections;
-        let previous = self.ctx.load_full();
-        let (ctx, result) = match context(settings.clone(), store.clone(), Some(&previous)) {
-            Ok(ctx) => (ctx, Ok(())),
-            Err(e) => {
-                let kept = ListenerSettings {
-                    access_log: previous.settings.access_log.clone(),
-                    ..settings
-                };
-                let ctx = Arc::new(ListenerContext {
-                    settings: kept,
-                    store,
-                    access_log: previous.access_log.clone(),
-                    tls: previous.tls.clone(),
-                });
-                (ctx, Err(e))
-            }
-        };
-        self.connections.set_max(max);
+    /// Builds the context new settings for the same address need (access log, TLS): the
+    /// step that can fail, taken before a reload changes anything.
+    pub fn prepare_update(
+        &self,
+        settings: ListenerSettings,
+        store: Arc<SnapshotStore>,
+    ) -> io::Result<Arc<ListenerContext>> {
+        context(settings, store, Some(&self.ctx.load()))
+    }
+
+    /// Applies a prepared context: connections accepted from now on use its settings,
+    /// requests on open connections route by them, and a lower `max_connections` holds new
+    /// connections back until enough open ones have closed.
+    pub fn update(&self, ctx: Arc<ListenerContext>) {
+        self.connections.set_max(ctx.settings.max_connections);
         self.ctx.store(ctx);
-        result
     }
 
     /// Stops accepting (new connections are refused), asks every open connection to finish

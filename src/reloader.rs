@@ -304,6 +304,24 @@ impl Reloader {
                 Plan::Keep(..) => prepared.push(None),
             }
         }
+        // The kept listeners' new contexts (access log, TLS) too: a listener must never run
+        // new settings beside an old TLS acceptor.
+        let mut contexts = Vec::new();
+        for p in &plan {
+            match p {
+                Plan::Keep(l, settings) => {
+                    match l.prepare_update(settings.clone(), self.store.clone()) {
+                        Ok(ctx) => contexts.push(Some(ctx)),
+                        Err(e) => {
+                            permanent = true;
+                            errors.push(e.to_string());
+                            contexts.push(None);
+                        }
+                    }
+                }
+                Plan::Bind(_) => contexts.push(None),
+            }
+        }
         if !errors.is_empty() {
             self.listeners = plan
                 .into_iter()
@@ -335,12 +353,10 @@ impl Reloader {
         }
         let version = next.version;
         self.store.store(next);
-        for (p, ready) in plan.into_iter().zip(prepared) {
+        for ((p, ready), ctx) in plan.into_iter().zip(prepared).zip(contexts) {
             match (p, ready) {
-                (Plan::Keep(l, settings), _) => {
-                    if let Err(e) = l.update(settings, self.store.clone()) {
-                        tracing::warn!(error = %e, "listener kept its previous access log");
-                    }
+                (Plan::Keep(l, _), _) => {
+                    l.update(ctx.expect("prepared above"));
                     self.listeners.push(l);
                 }
                 (Plan::Bind(_), Some(ready)) => self.listeners.push(ready.start()),

@@ -211,25 +211,41 @@ impl ServerCertVerifier for SanVerifier {
     }
 }
 
-/// A certificate's URI SANs, then its DNS SANs.
-pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+/// A certificate's subject alternative names, by kind.
+#[derive(Debug, Default)]
+pub struct Sans {
+    pub uris: Vec<String>,
+    /// Only names that are valid DNS names (a client certificate's are not checked by the
+    /// verifier, so `spiffe://...` written as a DNS SAN must not pass for a URI).
+    pub dns: Vec<String>,
+}
+
+/// A certificate's URI and DNS SANs.
+pub fn sans(der: &[u8]) -> Sans {
     use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
+        return Sans::default();
     };
     let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
+        return Sans::default();
     };
-    let names = &san.value.general_names;
-    let uris = names.iter().filter_map(|n| match n {
-        GeneralName::URI(u) => Some(u.to_string()),
-        _ => None,
-    });
-    let dns = names.iter().filter_map(|n| match n {
-        GeneralName::DNSName(d) => Some(d.to_string()),
-        _ => None,
-    });
-    uris.chain(dns).collect()
+    let mut out = Sans::default();
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::URI(u) => out.uris.push(u.to_string()),
+            GeneralName::DNSName(d) if rustls::pki_types::DnsName::try_from(*d).is_ok() => {
+                out.dns.push(d.to_string())
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A certificate's URI SANs, then its DNS SANs (for matching `verify_subject_alt_names`).
+pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+    let s = sans(der);
+    s.uris.into_iter().chain(s.dns).collect()
 }
 
 /// A verified peer: its principal and the `x-forwarded-client-cert` value it earns.
@@ -237,29 +253,39 @@ pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
 pub struct Peer {
     /// The URI SAN (SPIFFE ID), else the first DNS SAN.
     pub principal: Option<Arc<str>>,
-    /// Envoy's format: `Hash=<sha256 of the DER>;URI=<uri SAN>` (`By=` first when the
-    /// listener's own certificate has a URI SAN).
-    pub xfcc: http::HeaderValue,
+    /// Envoy's format: `By=<uri>;Hash=<sha256 of the DER>;URI=<uri SAN>`; `None` when a
+    /// value cannot be carried in a header.
+    pub xfcc: Option<http::HeaderValue>,
 }
 
 impl Peer {
     /// From the client's leaf certificate; `by` is the listener's own URI SAN, if any.
     pub fn new(leaf: &[u8], by: Option<&str>) -> Peer {
-        let sans = subject_alt_names(leaf);
-        let principal: Option<Arc<str>> = sans.first().map(|s| s.as_str().into());
+        let sans = sans(leaf);
+        let uri = sans.uris.first();
+        let principal: Option<Arc<str>> = uri.or(sans.dns.first()).map(|s| s.as_str().into());
         let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
         let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         let mut xfcc = String::new();
         if let Some(by) = by {
-            xfcc.push_str(&format!("By={by};"));
+            xfcc.push_str(&format!("By={};", xfcc_value(by)));
         }
         xfcc.push_str(&format!("Hash={hex}"));
-        if let Some(uri) = sans.iter().find(|s| s.contains("://")) {
-            xfcc.push_str(&format!(";URI={uri}"));
+        if let Some(uri) = uri {
+            xfcc.push_str(&format!(";URI={}", xfcc_value(uri)));
         }
-        let xfcc = http::HeaderValue::from_str(&xfcc)
-            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+        let xfcc = http::HeaderValue::from_str(&xfcc).ok();
         Peer { principal, xfcc }
+    }
+}
+
+/// An XFCC value, double-quoted (with inner quotes escaped) when it holds `,` `;` `=` or
+/// `"`, as Envoy writes it: a SAN cannot add or forge elements.
+fn xfcc_value(v: &str) -> String {
+    if v.contains([',', ';', '=', '"']) {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        v.to_string()
     }
 }
 
@@ -277,6 +303,16 @@ pub fn admits(patterns: &[String], principal: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xfcc_values_that_could_forge_elements_are_quoted() {
+        assert_eq!(xfcc_value("spiffe://a/b"), "spiffe://a/b");
+        assert_eq!(
+            xfcc_value("spiffe://a/b,Hash=0;URI=spiffe://x"),
+            "\"spiffe://a/b,Hash=0;URI=spiffe://x\""
+        );
+        assert_eq!(xfcc_value("a\"b;"), "\"a\\\"b;\"");
+    }
 
     #[test]
     fn principals_match_exactly_or_by_prefix() {

@@ -27,6 +27,9 @@ use crate::tls::Peer;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Longest time a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Longest wait, after an idle connection was asked to close, before it is closed hard.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -153,7 +156,12 @@ pub async fn serve(
         .unwrap_or(Duration::from_secs(3600));
     if let Some((acceptor, by)) = &ctx.tls {
         // HTTPS: the handshake within the request-headers timeout; ALPN picks the protocol.
-        let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        // The handshake has a bound even when the headers timeout is off.
+        let handshake = settings
+            .request_headers_timeout
+            .unwrap_or(TLS_HANDSHAKE_TIMEOUT)
+            .min(TLS_HANDSHAKE_TIMEOUT);
+        let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
                 settings.metrics.tls_handshake_failure();
