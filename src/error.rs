@@ -108,6 +108,52 @@ impl ProxyError {
         );
         resp
     }
+
+    /// The local reply to a gRPC request: HTTP 200, trailers-only, with `grpc-status` and
+    /// `grpc-message` (the marker and the error), as Envoy answers gRPC clients.
+    pub fn to_grpc_response(&self) -> Response<Body> {
+        let (status, marker) = self.status_and_marker();
+        let code = match status.as_u16() {
+            400 | 431 => 13, // INTERNAL
+            401 => 16,       // UNAUTHENTICATED
+            403 => 7,        // PERMISSION_DENIED
+            404 => 12,       // UNIMPLEMENTED
+            429 => 8,        // RESOURCE_EXHAUSTED
+            504 => 4,        // DEADLINE_EXCEEDED
+            _ => 14,         // UNAVAILABLE (502, 503)
+        };
+        let mut resp = Response::new(body::empty());
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(code));
+        // grpc-message is percent-encoded text; the error's own text is ASCII-safe except
+        // for what the encoding below covers.
+        let message: String = format!("{marker}: {self}")
+            .bytes()
+            .map(|b| match b {
+                b' '..=b'~' if b != b'%' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", v);
+        }
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(marker));
+        if marker == "overflow" {
+            headers.insert(OVERLOADED_HEADER, HeaderValue::from_static("true"));
+        }
+        resp
+    }
+}
+
+/// Whether a request is gRPC (its local replies must be gRPC-shaped).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let mut record = Record::start(ctx.clone(), &req, in_flight);
+    let grpc = crate::error::is_grpc(req.headers());
     let resp = match proxy(&ctx, &client, req, &mut record).await {
         Ok(resp) => resp,
         Err(err) => {
@@ -60,7 +61,11 @@ pub async fn handle(
                 // Nobody is left to answer: the record keeps status 0, as Envoy's does.
                 return Ok(err.to_response());
             }
-            err.to_response()
+            if grpc {
+                err.to_grpc_response()
+            } else {
+                err.to_response()
+            }
         }
     };
     record.status = resp.status().as_u16();

@@ -178,3 +178,51 @@ async fn grpc_bidirectional_streaming_interleaves_both_ways() {
     let trailers = inbound.trailers().await.unwrap();
     assert!(trailers.is_some());
 }
+
+/// remora's own replies to gRPC calls are gRPC-shaped (HTTP 200, `grpc-status`,
+/// `grpc-message`), as Envoy's: an unreachable upstream is UNAVAILABLE, no route is
+/// UNIMPLEMENTED.
+#[tokio::test]
+async fn local_replies_to_grpc_calls_are_grpc_statuses() {
+    let closed = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap().port()
+    };
+    let routes = "      - { name: all, domains: [\"*\"], routes: [{ match: { prefix: /test.Echo/ }, cluster: grpc }] }";
+    let p = proxy(&config(
+        routes,
+        &cluster("grpc", &[(closed, 1)], "    protocol: http2\n"),
+    ))
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", p.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary(
+            Request::new(Msg { text: "hi".into() }),
+            PathAndQuery::from_static("/test.Echo/Unary"),
+            ProstCodec::<Msg, Msg>::default(),
+        )
+        .await
+        .expect_err("no upstream");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("upstream_connect_failure"),
+        "{status:?}"
+    );
+
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary(
+            Request::new(Msg { text: "hi".into() }),
+            PathAndQuery::from_static("/other.Service/Call"),
+            ProstCodec::<Msg, Msg>::default(),
+        )
+        .await
+        .expect_err("no route");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+}
