@@ -196,6 +196,17 @@ impl Cluster {
             .as_ref()
             .and_then(|h| h.header.as_ref())
             .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
+        let tls = raw.tls.as_ref().map(|tls| {
+            let expiry = tls
+                .cert_file
+                .as_deref()
+                .and_then(|f| crate::tls::certificates(f).ok())
+                .and_then(|c| c.first().and_then(|leaf| crate::tls::not_after(leaf)));
+            if let Some(at) = expiry {
+                metrics.certificate_expires(at);
+            }
+            tls_connector(raw, tls)
+        });
         let cluster = Arc::new_cyclic(|weak_self| Cluster {
             name: raw.name.as_str().into(),
             raw: raw.clone(),
@@ -205,7 +216,7 @@ impl Cluster {
             lb_policy: raw.lb_policy,
             hash_header,
             metrics,
-            tls: raw.tls.as_ref().map(|tls| tls_connector(raw, tls)),
+            tls,
             breakers: CircuitBreakers::new(raw.circuit_breakers.as_ref()),
             retry_budget: RetryBudget::new(raw.retry_budget.as_ref()),
             outlier: raw.outlier_detection.as_ref().map(OutlierConfig::new),

@@ -118,10 +118,13 @@ fn context(
                     format!("listener `{}`: TLS: {e}", settings.name),
                 )
             })?;
-            let by = crate::tls::certificates(&tls.cert_file)
+            let leaf = crate::tls::certificates(&tls.cert_file)
                 .ok()
-                .and_then(|c| c.first().map(|leaf| crate::tls::sans(leaf)))
-                .and_then(|sans| sans.uris.into_iter().next());
+                .and_then(|c| c.into_iter().next());
+            if let Some(at) = leaf.as_ref().and_then(|l| crate::tls::not_after(l)) {
+                settings.metrics.certificate_expires(at);
+            }
+            let by = leaf.and_then(|leaf| crate::tls::sans(&leaf).uris.into_iter().next());
             Some((tokio_rustls::TlsAcceptor::from(config), by))
         }
     };

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `remora_config_last_reload_success_timestamp_seconds`.
     pub config_last_success: prometheus::Gauge,
+    /// `remora_tls_certificate_expiry_timestamp_seconds{owner,name}`: the leaf certificate in
+    /// use by a listener or a cluster (client certificate).
+    pub tls_certificate_expiry: prometheus::GaugeVec,
     /// `remora_xds_connected`: 1 while the ADS stream is up.
     pub xds_connected: prometheus::IntGauge,
     /// `remora_xds_updates_total{type,result}`: responses ACKed or NACKed.
@@ -107,7 +110,18 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(xds_last_update.clone()))
             .expect("unique metric");
+        let tls_certificate_expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "remora_tls_certificate_expiry_timestamp_seconds",
+                "Unix time the certificate a listener serves, or a cluster presents, expires.",
+            ),
+            &["owner", "name"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(tls_certificate_expiry.clone()))
+            .expect("unique metric");
         let m = Metrics {
+            tls_certificate_expiry,
             tls_handshakes: counter(
                 &r,
                 "remora_tls_handshakes_total",
@@ -275,6 +289,7 @@ impl Metrics {
                 .with_label_values(&[name]),
             local_replies: self.local_replies.clone(),
             tls_failed: self.tls_handshakes.with_label_values(&[name, "failure"]),
+            tls_expiry: self.tls_certificate_expiry.clone(),
             tls_ok: self.tls_handshakes.with_label_values(&[name, "success"]),
             name: name.to_string(),
         }
@@ -291,6 +306,7 @@ impl Metrics {
             retries: self.upstream_retries.clone(),
             budget_exhausted: self.retry_budget_exhausted.with_label_values(&[name]),
             body_too_large: self.retry_body_too_large.with_label_values(&[name]),
+            tls_expiry: self.tls_certificate_expiry.clone(),
             overflow: self.breaker_overflow.clone(),
             ejections: self.outlier_ejections.clone(),
             health_checks: [
@@ -319,10 +335,18 @@ pub struct ListenerMetrics {
     local_replies: IntCounterVec,
     tls_failed: IntCounter,
     pub tls_ok: IntCounter,
+    tls_expiry: prometheus::GaugeVec,
     name: String,
 }
 
 impl ListenerMetrics {
+    /// The certificate this listener serves expires at `at` (Unix seconds).
+    pub fn certificate_expires(&self, at: i64) {
+        self.tls_expiry
+            .with_label_values(&["listener", &self.name])
+            .set(at as f64);
+    }
+
     /// A TLS handshake failed (no or a wrong client certificate, a protocol error, timeout).
     pub fn tls_handshake_failure(&self) {
         self.tls_failed.inc();
@@ -358,10 +382,18 @@ pub struct ClusterMetrics {
     overflow: IntCounterVec,
     ejections: IntCounterVec,
     health_checks: [IntCounter; 2],
+    tls_expiry: prometheus::GaugeVec,
     name: String,
 }
 
 impl ClusterMetrics {
+    /// The client certificate this cluster presents expires at `at` (Unix seconds).
+    pub fn certificate_expires(&self, at: i64) {
+        self.tls_expiry
+            .with_label_values(&["cluster", &self.name])
+            .set(at as f64);
+    }
+
     pub fn response(&self, status: u16, seconds: f64) {
         self.requests[class_index(status)].inc();
         self.duration.observe(seconds);

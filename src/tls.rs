@@ -28,6 +28,30 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("CA bundle refused: {0}")]
     Verifier(String),
+    #[error("{path}: the certificate expired (not after {not_after})")]
+    Expired { path: String, not_after: String },
+}
+
+/// When a certificate stops being valid, in Unix seconds.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// Refuses a leaf certificate that has expired.
+fn check_not_expired(path: &str, leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| TlsError::Verifier(format!("{path}: {e}")))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if cert.validity().not_after.timestamp() < now {
+        return Err(TlsError::Expired {
+            path: path.to_string(),
+            not_after: cert.validity().not_after.to_string(),
+        });
+    }
+    Ok(())
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -102,6 +126,7 @@ pub struct ClientFiles<'a> {
 /// The server config of a TLS listener.
 pub fn server_config(tls: &ServerFiles<'_>) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = certificates(tls.cert_file)?;
+    check_not_expired(tls.cert_file, &certs[0])?;
     let key = private_key(tls.key_file)?;
     let builder =
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
@@ -138,7 +163,9 @@ pub fn client_config(tls: &ClientFiles<'_>, alpn: &[u8]) -> Result<Arc<ClientCon
         .with_custom_certificate_verifier(verifier);
     let mut config = match tls.cert {
         Some((cert, key)) => {
-            builder.with_client_auth_cert(certificates(cert)?, private_key(key)?)?
+            let chain = certificates(cert)?;
+            check_not_expired(cert, &chain[0])?;
+            builder.with_client_auth_cert(chain, private_key(key)?)?
         }
         None => builder.with_no_client_auth(),
     };

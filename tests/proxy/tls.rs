@@ -42,8 +42,20 @@ impl Pki {
 
     /// A leaf for `dns` names and, if given, a URI SAN (a SPIFFE ID): (cert path, key path).
     fn leaf(&self, stem: &str, dns: &[&str], uri: Option<&str>) -> (String, String) {
+        self.leaf_with(stem, dns, uri, |_| {})
+    }
+
+    /// The same, with the parameters adjusted (e.g. validity) before signing.
+    fn leaf_with(
+        &self,
+        stem: &str,
+        dns: &[&str],
+        uri: Option<&str>,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> (String, String) {
         let mut params =
             CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
+        adjust(&mut params);
         if let Some(uri) = uri {
             params
                 .subject_alt_names
@@ -302,4 +314,39 @@ fn tls_files_are_checked_by_validation() {
         text.contains("listeners[0].tls") && text.contains("nope.pem"),
         "{text}"
     );
+}
+
+/// An expired certificate is refused with a located error; a valid one's expiry is exported.
+#[tokio::test]
+async fn an_expired_certificate_is_refused_and_expiry_is_exported() {
+    let pki = Pki::new("expiry");
+    let (old, old_key) = pki.leaf_with("old", &["localhost"], None, |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let yaml = https_config(
+        &format!("cert_file: \"{old}\", key_file: \"{old_key}\""),
+        "",
+        1,
+    );
+    let errors = remora::config::parse(&yaml, "tls.yaml").expect_err("an expired certificate");
+    assert!(errors.to_string().contains("expired"), "{errors}");
+
+    let (cert, key) = pki.leaf_with("server", &["localhost"], None, |p| {
+        p.not_after = rcgen::date_time_ymd(2040, 6, 1);
+    });
+    let up = Upstream::start("up").await;
+    let p = proxy(&https_config(
+        &format!("cert_file: \"{cert}\", key_file: \"{key}\""),
+        "",
+        up.port(),
+    ))
+    .await;
+    let expiry = metric(
+        p.admin,
+        "remora_tls_certificate_expiry_timestamp_seconds{name=\"main\",owner=\"listener\"}",
+    )
+    .await;
+    // 2040-06-01T00:00:00Z
+    assert_eq!(expiry, 2_222_121_600.0);
 }
