@@ -60,6 +60,17 @@ pub fn config_hash(text: &str) -> String {
     format!("{:016x}", hash_bytes(text.as_bytes()))
 }
 
+/// The hash of config text and of the TLS files it names (`files`, a digest; 0 for none).
+pub fn config_hash_with_files(text: &str, files: u64) -> String {
+    if files == 0 {
+        return config_hash(text);
+    }
+    format!("{:016x}{files:016x}", hash_bytes(text.as_bytes()))
+}
+
+/// How often the TLS files of the config in force are looked at for a rotation.
+const TLS_FILES_POLL: Duration = Duration::from_secs(1);
+
 /// Wait before a config file that failed to apply for a passing reason is tried again;
 /// doubled after each further failure, up to the maximum.
 const TRANSIENT_RETRY: Duration = Duration::from_secs(5);
@@ -73,6 +84,32 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Reloads the config in force when a TLS file it names changes (a rotated certificate or
+/// key, written in place or swapped as a Kubernetes Secret volume does): new handshakes get
+/// the new pair within about a second; open connections keep theirs. A pair that does not
+/// load (mismatched, expired) is rejected like any bad config, and the old one stays.
+fn spawn_tls_file_watch(store: Arc<SnapshotStore>, control: mpsc::Sender<Command>) {
+    tokio::spawn(async move {
+        let mut last = store.load().raw.tls_files_digest();
+        loop {
+            tokio::time::sleep(TLS_FILES_POLL).await;
+            let raw = store.load();
+            let now = raw.raw.tls_files_digest();
+            if now == last || now == 0 {
+                last = now;
+                continue;
+            }
+            last = now;
+            tracing::info!("a TLS file changed; reloading");
+            let (reply, answer) = oneshot::channel();
+            if control.send(Command::RefreshTls { reply }).await.is_err() {
+                return;
+            }
+            let _ = answer.await;
+        }
+    });
+}
+
 impl App {
     /// Starts serving a validated config, parsed from `text`.
     pub async fn start(raw: RawConfig, source: ConfigSource, text: &str) -> io::Result<App> {
@@ -80,7 +117,7 @@ impl App {
         let origin = Origin {
             version: 1,
             source: source.name(),
-            hash: config_hash(text),
+            hash: config_hash_with_files(text, raw.tls_files_digest()),
         };
         let xds = raw.xds.clone().map(|x| (x, raw.clone()));
         let snapshot = compile(raw, origin, &metrics, None);
@@ -135,6 +172,7 @@ impl App {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         metrics.config_last_success.set(now.as_secs_f64());
+        spawn_tls_file_watch(store.clone(), control.clone());
         match xds {
             // Ready once the control plane's first complete config is in force.
             Some((xds, raw)) => {

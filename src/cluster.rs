@@ -167,6 +167,9 @@ pub struct Cluster {
     /// TLS to the endpoints: the connector and the server name (SNI), or why the cluster's
     /// TLS files could not be loaded (every connection then fails as a connect failure).
     pub tls: Option<Result<(tokio_rustls::TlsConnector, ServerName<'static>), String>>,
+    /// A digest of the TLS files the connector was made from: rotated files rebuild the
+    /// cluster on the next reload.
+    pub tls_digest: u64,
     pub breakers: Arc<CircuitBreakers>,
     pub retry_budget: RetryBudget,
     outlier: Option<OutlierConfig>,
@@ -217,6 +220,7 @@ impl Cluster {
             hash_header,
             metrics,
             tls,
+            tls_digest: crate::config::compile::tls_digest(raw),
             breakers: CircuitBreakers::new(raw.circuit_breakers.as_ref()),
             retry_budget: RetryBudget::new(raw.retry_budget.as_ref()),
             outlier: raw.outlier_detection.as_ref().map(OutlierConfig::new),

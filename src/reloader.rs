@@ -82,6 +82,8 @@ pub(crate) enum Command {
         text: Option<(String, String)>,
         reply: oneshot::Sender<Outcome>,
     },
+    /// The config in force again, because a TLS file it names changed.
+    RefreshTls { reply: oneshot::Sender<Outcome> },
     /// New resources from the control plane, to apply with the static config in force.
     Dynamic {
         dynamic: Dynamic,
@@ -118,6 +120,11 @@ impl Reloader {
                     reply,
                 } => {
                     let outcome = self.reload(trigger, text, None).await;
+                    let _ = reply.send(outcome);
+                }
+                Command::RefreshTls { reply } => {
+                    let text = Some(self.static_text.clone());
+                    let outcome = self.reload(Trigger::File, text, None).await;
                     let _ = reply.send(outcome);
                 }
                 Command::Dynamic { dynamic, reply } => {
@@ -163,11 +170,13 @@ impl Reloader {
             },
         };
         let dynamic = dynamic.or_else(|| self.dynamic.clone());
-        let hash = match &dynamic {
-            None => crate::app::config_hash(&text),
-            Some(d) => crate::app::config_hash(&format!("{text}\n# xds\n{d:?}")),
-        };
         let current = self.store.load();
+        // The TLS files the running config names count too: a rotated certificate is a change.
+        let files = current.raw.tls_files_digest();
+        let hash = match &dynamic {
+            None => crate::app::config_hash_with_files(&text, files),
+            Some(d) => crate::app::config_hash_with_files(&format!("{text}\n# xds\n{d:?}"), files),
+        };
         if hash == current.hash {
             tracing::debug!(source = trigger.label(), "config unchanged; not reloading");
             return Outcome::Unchanged;

@@ -47,7 +47,8 @@ pub fn compile(
     for c in &raw.clusters {
         let old = previous.and_then(|p| p.clusters.get(&c.name));
         let cluster = match old {
-            Some(old) if old.raw == *c => old.clone(),
+            // Unchanged, TLS files included: kept whole.
+            Some(old) if old.raw == *c && old.tls_digest == tls_digest(c) => old.clone(),
             _ => Cluster::new(c, metrics.cluster(&c.name), old.map(|o| &**o)),
         };
         clusters.insert(c.name.clone(), cluster);
@@ -76,6 +77,15 @@ pub fn compile(
         clusters,
         route_tables,
     )
+}
+
+/// A digest of a cluster's TLS files (0 without TLS).
+pub fn tls_digest(c: &RawCluster) -> u64 {
+    let single = RawConfig {
+        clusters: vec![c.clone()],
+        ..Default::default()
+    };
+    single.tls_files_digest()
 }
 
 fn listener(l: &RawListener, metrics: &Metrics) -> ListenerSettings {

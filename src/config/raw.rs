@@ -682,3 +682,35 @@ impl RawClusterTls {
         }
     }
 }
+
+impl RawConfig {
+    /// A digest of the TLS files the config names (certificates, keys, CA bundles), so that
+    /// a rotated file counts as a change of config. Unreadable files count as empty.
+    pub fn tls_files_digest(&self) -> u64 {
+        let mut paths: Vec<&str> = Vec::new();
+        for l in &self.listeners {
+            if let Some(t) = &l.tls {
+                paths.extend([t.cert_file.as_str(), t.key_file.as_str()]);
+                paths.extend(t.client_ca_file.as_deref());
+            }
+        }
+        for c in &self.clusters {
+            if let Some(t) = &c.tls {
+                paths.extend(t.ca_file.as_deref());
+                paths.extend(t.cert_file.as_deref());
+                paths.extend(t.key_file.as_deref());
+            }
+        }
+        if paths.is_empty() {
+            return 0;
+        }
+        let mut all = Vec::new();
+        for p in paths {
+            all.extend_from_slice(p.as_bytes());
+            all.push(0);
+            all.extend(std::fs::read(p).unwrap_or_default());
+            all.push(0);
+        }
+        crate::cluster::balance::hash_bytes(&all)
+    }
+}

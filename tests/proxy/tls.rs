@@ -350,3 +350,62 @@ async fn an_expired_certificate_is_refused_and_expiry_is_exported() {
     // 2040-06-01T00:00:00Z
     assert_eq!(expiry, 2_222_121_600.0);
 }
+
+/// Rotation: the certificate and key files are replaced while remora runs; new handshakes get
+/// the new pair within seconds without a reload command. A mismatched pair written later is
+/// rejected and the last good one keeps serving.
+#[tokio::test]
+async fn rotated_certificates_are_picked_up_and_a_bad_pair_is_refused() {
+    let pki = Pki::new("rotate");
+    let (cert, key) = pki.leaf_with("server", &["localhost"], None, |p| {
+        p.not_after = rcgen::date_time_ymd(2040, 6, 1);
+    });
+    let up = Upstream::start("up").await;
+    let p = proxy(&https_config(
+        &format!("cert_file: \"{cert}\", key_file: \"{key}\""),
+        "",
+        up.port(),
+    ))
+    .await;
+    let sample =
+        "remora_tls_certificate_expiry_timestamp_seconds{name=\"main\",owner=\"listener\"}";
+    assert_eq!(metric(p.admin, sample).await, 2_222_121_600.0);
+
+    // The new pair, swapped in by rename (as a Secret volume update does).
+    let (new_cert, new_key) = pki.leaf_with("next", &["localhost"], None, |p| {
+        p.not_after = rcgen::date_time_ymd(2041, 6, 1);
+    });
+    std::fs::rename(&new_key, &key).unwrap();
+    std::fs::rename(&new_cert, &cert).unwrap();
+    // 2041-06-01T00:00:00Z
+    wait_metric(p.admin, sample, 2_253_657_600.0).await;
+    let (addr, ca) = (p.addr, pki.ca());
+    let (ok, status, _, _) = tokio::task::spawn_blocking(move || curl(addr, "/", &ca, &[]))
+        .await
+        .unwrap();
+    assert!(ok && status == 200, "after the rotation: {status}");
+
+    // A key that does not match the certificate: refused, the last good pair stays.
+    let (_, other_key) = pki.leaf("other", &["localhost"], None);
+    std::fs::copy(&other_key, &key).unwrap();
+    let started = std::time::Instant::now();
+    while metric(
+        p.admin,
+        "remora_config_reloads_total{result=\"failure\",source=\"file\"}",
+    )
+    .await
+        < 1.0
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the bad pair was not refused"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (addr, ca) = (p.addr, pki.ca());
+    let (ok, status, _, _) = tokio::task::spawn_blocking(move || curl(addr, "/", &ca, &[]))
+        .await
+        .unwrap();
+    assert!(ok && status == 200, "after a bad pair: {status}");
+    assert_eq!(metric(p.admin, sample).await, 2_253_657_600.0);
+}
