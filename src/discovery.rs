@@ -9,14 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use remora_xds::client::{self, Event, Subscriptions};
-use remora_xds::envoy_types::pb::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, DiscoveryType,
-};
-use remora_xds::envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use remora_xds::envoy_types::pb::envoy::config::core::v3::Node;
 use remora_xds::envoy_types::pb::envoy::config::listener::v3::Listener;
-use remora_xds::server::rds_names;
-use remora_xds::{Resources, TypeUrl};
+use remora_xds::{assignment_name, rds_names, Resources, TypeUrl};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::AdminState;
@@ -342,7 +337,8 @@ impl Feed {
                 .clusters
                 .iter()
                 .filter(|c| {
-                    is_eds(c) && !next.endpoints.iter().any(|e| e.cluster_name == eds_name(c))
+                    assignment_name(c)
+                        .is_some_and(|n| !next.endpoints.iter().any(|e| e.cluster_name == n))
                 })
                 .count();
         // Assignments no EDS cluster (new or still serving) names are dropped likewise.
@@ -445,37 +441,10 @@ fn merge_by_name(into: &mut Resources, update: Resources) {
     }
 }
 
-fn is_eds(c: &Cluster) -> bool {
-    c.cluster_discovery_type == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
-}
-
-/// The assignment name an EDS cluster asks for.
-fn eds_name(c: &Cluster) -> String {
-    c.eds_cluster_config
-        .as_ref()
-        .map(|e| e.service_name.clone())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| c.name.clone())
-}
-
 /// The route configs the accepted listeners ask for and the assignments the EDS clusters do.
 fn wanted(res: &Resources) -> Subscriptions {
     Subscriptions {
         routes: res.listeners.iter().flat_map(rds_names).collect(),
-        endpoints: res
-            .clusters
-            .iter()
-            .filter(|c| {
-                c.cluster_discovery_type
-                    == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
-            })
-            .map(|c| {
-                c.eds_cluster_config
-                    .as_ref()
-                    .map(|e| e.service_name.clone())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| c.name.clone())
-            })
-            .collect(),
+        endpoints: res.clusters.iter().filter_map(assignment_name).collect(),
     }
 }

@@ -81,11 +81,7 @@ pub fn compile(
 
 /// A digest of a cluster's TLS files (0 without TLS).
 pub fn tls_digest(c: &RawCluster) -> u64 {
-    let single = RawConfig {
-        clusters: vec![c.clone()],
-        ..Default::default()
-    };
-    single.tls_files_digest()
+    c.tls.as_ref().map_or(0, |t| files_digest(t.paths()))
 }
 
 fn listener(l: &RawListener, metrics: &Metrics) -> ListenerSettings {

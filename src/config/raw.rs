@@ -683,34 +683,54 @@ impl RawClusterTls {
     }
 }
 
+impl RawListenerTls {
+    /// The files it reads.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        [Some(self.cert_file.as_str()), Some(self.key_file.as_str())]
+            .into_iter()
+            .chain([self.client_ca_file.as_deref()])
+            .flatten()
+    }
+}
+
+impl RawClusterTls {
+    /// The files it reads.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        [
+            self.ca_file.as_deref(),
+            self.cert_file.as_deref(),
+            self.key_file.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+/// A digest of files' names and contents (unreadable files count as empty); 0 for none.
+pub fn files_digest<'a>(paths: impl Iterator<Item = &'a str>) -> u64 {
+    let mut all = Vec::new();
+    for p in paths {
+        all.extend_from_slice(p.as_bytes());
+        all.push(0);
+        all.extend(std::fs::read(p).unwrap_or_default());
+        all.push(0);
+    }
+    if all.is_empty() {
+        return 0;
+    }
+    crate::cluster::balance::hash_bytes(&all)
+}
+
 impl RawConfig {
     /// A digest of the TLS files the config names (certificates, keys, CA bundles), so that
-    /// a rotated file counts as a change of config. Unreadable files count as empty.
+    /// a rotated file counts as a change of config.
     pub fn tls_files_digest(&self) -> u64 {
-        let mut paths: Vec<&str> = Vec::new();
-        for l in &self.listeners {
-            if let Some(t) = &l.tls {
-                paths.extend([t.cert_file.as_str(), t.key_file.as_str()]);
-                paths.extend(t.client_ca_file.as_deref());
-            }
-        }
-        for c in &self.clusters {
-            if let Some(t) = &c.tls {
-                paths.extend(t.ca_file.as_deref());
-                paths.extend(t.cert_file.as_deref());
-                paths.extend(t.key_file.as_deref());
-            }
-        }
-        if paths.is_empty() {
-            return 0;
-        }
-        let mut all = Vec::new();
-        for p in paths {
-            all.extend_from_slice(p.as_bytes());
-            all.push(0);
-            all.extend(std::fs::read(p).unwrap_or_default());
-            all.push(0);
-        }
-        crate::cluster::balance::hash_bytes(&all)
+        let listeners = self.listeners.iter().filter_map(|l| l.tls.as_ref());
+        let clusters = self.clusters.iter().filter_map(|c| c.tls.as_ref());
+        files_digest(
+            listeners
+                .flat_map(RawListenerTls::paths)
+                .chain(clusters.flat_map(RawClusterTls::paths)),
+        )
     }
 }

@@ -416,6 +416,67 @@ async fn a_half_open_probe_that_times_out_frees_its_slot() {
     );
 }
 
+/// A half-open probe whose client goes away gives its probe slot back: the endpoint gets the
+/// next probe, instead of staying half-open with no traffic.
+#[tokio::test]
+async fn a_half_open_probe_whose_client_leaves_frees_its_slot() {
+    let (slow, fast) = (Upstream::start("slow").await, Upstream::start("fast").await);
+    slow.set_status(500);
+    let routes = route_to("up", "            timeout: 30s\n");
+    let clusters = cluster(
+        "up",
+        &[(slow.port(), 1), (fast.port(), 1)],
+        "    outlier_detection: { consecutive_5xx: 2, base_ejection_time: 300ms, max_ejection_time: 300ms, max_ejection_percent: 100, half_open_probes: 1 }\n",
+    );
+    let p = proxy(&config(&routes, &clusters)).await;
+    let cl = client();
+    for _ in 0..20 {
+        get(&cl, p.addr, "svc", "/", &[]).await;
+        if breaker(p.admin, "up", slow.port()).await == "open" {
+            break;
+        }
+    }
+    // From now on the endpoint hangs (far past any test time); nothing ends a probe but the
+    // client leaving.
+    slow.set_delay(Duration::from_secs(60));
+    slow.set_status(200);
+    let started = Instant::now();
+    while breaker(p.admin, "up", slow.port()).await != "half_open" {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never half-open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Requests on connections of their own until two probes have reached the endpoint, each
+    // client leaving as soon as its request is there.
+    let before = slow.hits();
+    let started = Instant::now();
+    while slow.hits() < before + 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{} probe(s) in 8 s: the first probe's slot was never given back; /clusters: {}",
+            slow.hits() - before,
+            endpoint(p.admin, "up", slow.port()).await
+        );
+        let hits = slow.hits();
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        // The fast endpoint answers at once; the slow one never does: then leave.
+        let answered = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
+        if answered.is_err() {
+            assert!(
+                slow.hits() > hits,
+                "no answer, yet the slow endpoint saw nothing"
+            );
+        }
+        drop(s);
+    }
+}
+
 /// Defect: a reload that renames a listener but keeps its address keeps the socket, but
 /// connections opened before the reload still look routes up by the old name, which the
 /// new config no longer has: their next request gets 404 `no_route`.

@@ -409,3 +409,30 @@ async fn rotated_certificates_are_picked_up_and_a_bad_pair_is_refused() {
     assert!(ok && status == 200, "after a bad pair: {status}");
     assert_eq!(metric(p.admin, sample).await, 2_253_657_600.0);
 }
+
+/// ALPN offers what the listener speaks: an HTTP/1.1-only listener does not let curl
+/// negotiate h2 (it would then be answered in HTTP/1.1 and fail).
+#[tokio::test]
+async fn alpn_follows_the_listener_protocol() {
+    let pki = Pki::new("alpn");
+    let (cert, key) = pki.leaf("server", &["localhost"], None);
+    let up = Upstream::start("up").await;
+    let yaml = https_config(
+        &format!("cert_file: \"{cert}\", key_file: \"{key}\""),
+        "",
+        up.port(),
+    )
+    .replace(
+        "route_config: rc, tls:",
+        "route_config: rc, protocol: http1, tls:",
+    );
+    assert!(yaml.contains("protocol: http1"));
+    let p = proxy(&yaml).await;
+    let (addr, ca) = (p.addr, pki.ca());
+    let (ok, status, body, version) =
+        tokio::task::spawn_blocking(move || curl(addr, "/", &ca, &["--http2"]))
+            .await
+            .unwrap();
+    assert!(ok && status == 200 && body == "up", "{status} {body}");
+    assert_eq!(version, "1.1");
+}

@@ -58,23 +58,52 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A control plane serving `served(listen, target, a, b)` from a file, and a sidecar
+/// following it, ready and answering with `first` (the upstream `target` leads to).
+struct Followed {
+    listen: SocketAddr,
+    dir: PathBuf,
+    path: PathBuf,
+    cp: remora::control_plane::ControlPlane,
+    app: App,
+}
+
+impl Followed {
+    async fn start(name: &str, target: &str, a: u16, b: u16, first: &str) -> Followed {
+        let listen = free_address();
+        let dir = temp_dir(name);
+        let path = dir.join("default.yaml");
+        std::fs::write(&path, served(listen, target, a, b)).unwrap();
+        let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let app = sidecar(cp.address).await;
+        wait_ready(app.admin_address).await;
+        until_served_by(listen, first, Duration::from_secs(5)).await;
+        Followed {
+            listen,
+            dir,
+            path,
+            cp,
+            app,
+        }
+    }
+}
+
 /// The control plane serves a YAML file; the sidecar, configured with nothing but the
 /// control plane's address, gets its listener, routes and clusters (one of them by EDS),
 /// becomes ready, routes as the YAML says, and follows an edit.
 #[tokio::test]
 async fn a_sidecar_follows_the_control_plane() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let listen = free_address();
-    let dir = temp_dir("follow");
-    let path = dir.join("default.yaml");
-    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
-    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let app = sidecar(cp.address).await;
+    let Followed {
+        listen,
+        dir,
+        path,
+        cp,
+        app,
+    } = Followed::start("follow", "a", a.port(), b.port(), "a").await;
     let admin = app.admin_address;
-    wait_ready(admin).await;
-    until_served_by(listen, "a", Duration::from_secs(5)).await;
     // The edit: every request to the EDS cluster `b`.
     std::fs::write(&path, served(listen, "b", a.port(), b.port())).unwrap();
     until_served_by(listen, "b", Duration::from_secs(8)).await;
@@ -242,16 +271,13 @@ async fn an_eds_only_change_under_load_fails_no_request() {
         Upstream::start("b1").await,
         Upstream::start("b2").await,
     );
-    let listen = free_address();
-    let dir = temp_dir("eds-load");
-    let path = dir.join("default.yaml");
-    std::fs::write(&path, served(listen, "b", a.port(), b1.port())).unwrap();
-    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let app = sidecar(cp.address).await;
-    wait_ready(app.admin_address).await;
-    until_served_by(listen, "b1", Duration::from_secs(5)).await;
+    let Followed {
+        listen,
+        dir,
+        path,
+        cp,
+        app: _app,
+    } = Followed::start("eds-load", "b", a.port(), b1.port(), "b1").await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = (0..4)
@@ -302,16 +328,13 @@ async fn an_eds_only_change_under_load_fails_no_request() {
 #[tokio::test]
 async fn an_invalid_served_file_keeps_the_last_good_snapshot() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let listen = free_address();
-    let dir = temp_dir("invalid");
-    let path = dir.join("default.yaml");
-    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
-    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let app = sidecar(cp.address).await;
-    wait_ready(app.admin_address).await;
-    until_served_by(listen, "a", Duration::from_secs(5)).await;
+    let Followed {
+        listen,
+        dir,
+        path,
+        cp,
+        app,
+    } = Followed::start("invalid", "a", a.port(), b.port(), "a").await;
     let before = metric(
         app.admin_address,
         "remora_xds_updates_total{result=\"ack\",type=\"rds\"}",
@@ -445,20 +468,18 @@ async fn a_restart_with_a_cache_file_serves_while_the_control_plane_is_down() {
 
 /// The ordinary "move the traffic, then delete the old cluster" edit in one step: the route
 /// moves from `a` to `b` and cluster `a` disappears. CDS (without `a`) arrives while the
-/// route still uses `a`: `a` stays until the new route config is in force; nothing is NACKed.
+/// route still uses `a`: that route answers 503 `cluster_not_found` until the new route
+/// config is in force (as in Envoy); nothing is NACKed.
 #[tokio::test]
 async fn moving_a_route_and_removing_its_old_cluster_in_one_edit_applies() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let listen = free_address();
-    let dir = temp_dir("move");
-    let path = dir.join("default.yaml");
-    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
-    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let app = sidecar(cp.address).await;
-    wait_ready(app.admin_address).await;
-    until_served_by(listen, "a", Duration::from_secs(5)).await;
+    let Followed {
+        listen,
+        dir,
+        path,
+        cp,
+        app,
+    } = Followed::start("move", "a", a.port(), b.port(), "a").await;
     let without_a = served(listen, "b", a.port(), b.port()).replace(
         &format!(
             "  - {{ name: a, endpoints: [{{ address: \"127.0.0.1:{}\" }}] }}\n",
@@ -494,16 +515,13 @@ async fn moving_a_route_and_removing_its_old_cluster_in_one_edit_applies() {
 #[tokio::test]
 async fn a_listener_switching_route_config_keeps_serving_while_it_warms() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let listen = free_address();
-    let dir = temp_dir("rds-rename");
-    let path = dir.join("default.yaml");
-    std::fs::write(&path, served(listen, "a", a.port(), b.port())).unwrap();
-    let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let app = sidecar(cp.address).await;
-    wait_ready(app.admin_address).await;
-    until_served_by(listen, "a", Duration::from_secs(5)).await;
+    let Followed {
+        listen,
+        dir,
+        path,
+        cp,
+        app: _app,
+    } = Followed::start("rds-rename", "a", a.port(), b.port(), "a").await;
     let renamed = served(listen, "b", a.port(), b.port()).replace("rc", "rc2");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let probe = {

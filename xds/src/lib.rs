@@ -7,4 +7,4 @@ pub mod resources;
 pub mod server;
 
 pub use envoy_types;
-pub use resources::{Resources, TypeUrl};
+pub use resources::{assignment_name, rds_names, Resources, TypeUrl};

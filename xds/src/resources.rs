@@ -3,8 +3,11 @@
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 
@@ -62,6 +65,47 @@ impl TypeUrl {
     pub fn by_name(self) -> bool {
         matches!(self, TypeUrl::Endpoint | TypeUrl::Route)
     }
+}
+
+/// The route config names a listener's HTTP connection managers ask for by RDS.
+pub fn rds_names(l: &Listener) -> Vec<String> {
+    l.filter_chains
+        .iter()
+        .flat_map(|fc| fc.filters.iter())
+        .filter_map(|f| match &f.config_type {
+            Some(ConfigType::TypedConfig(any))
+                if any.type_url.ends_with("HttpConnectionManager") =>
+            {
+                HttpConnectionManager::decode(any.value.as_slice()).ok()
+            }
+            _ => None,
+        })
+        .filter_map(|hcm| match hcm.route_specifier {
+            Some(RouteSpecifier::Rds(rds)) => Some(rds.route_config_name),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The ClusterLoadAssignment an EDS cluster asks for (its `service_name`, else its name);
+/// `None` for a cluster of another type.
+pub fn assignment_name(c: &Cluster) -> Option<String> {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
+    if c.cluster_discovery_type != Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)) {
+        return None;
+    }
+    let service = c
+        .eds_cluster_config
+        .as_ref()
+        .map(|e| e.service_name.as_str());
+    Some(
+        service
+            .filter(|s| !s.is_empty())
+            .unwrap_or(&c.name)
+            .to_string(),
+    )
 }
 
 /// One resource, named and encoded.

@@ -7,11 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -19,12 +15,11 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use futures_core::Stream;
-use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::resources::{Named, Resources, TypeUrl};
+use crate::resources::{assignment_name, rds_names, Named, Resources, TypeUrl};
 
 /// What one node group is served.
 #[derive(Debug, Clone, Default)]
@@ -45,16 +40,8 @@ impl Snapshot {
             .map(|e| e.cluster_name.as_str())
             .collect();
         for c in &resources.clusters {
-            if c.cluster_discovery_type
-                == Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
-            {
-                let wanted = c
-                    .eds_cluster_config
-                    .as_ref()
-                    .map(|e| e.service_name.as_str())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or(&c.name);
-                if !assignments.contains(wanted) {
+            if let Some(wanted) = assignment_name(c) {
+                if !assignments.contains(wanted.as_str()) {
                     errors.push(format!(
                         "cluster `{}`: no ClusterLoadAssignment `{wanted}`",
                         c.name
@@ -97,31 +84,6 @@ impl Snapshot {
             .collect();
         Ok(Snapshot { types })
     }
-
-    /// The version of one type's resources.
-    pub fn version(&self, kind: TypeUrl) -> &str {
-        self.types.get(&kind).map_or("", |(v, _)| v.as_str())
-    }
-}
-
-/// The route config names a listener's HTTP connection managers ask for by RDS.
-pub fn rds_names(l: &envoy_types::pb::envoy::config::listener::v3::Listener) -> Vec<String> {
-    l.filter_chains
-        .iter()
-        .flat_map(|fc| fc.filters.iter())
-        .filter_map(|f| match &f.config_type {
-            Some(ConfigType::TypedConfig(any))
-                if any.type_url.ends_with("HttpConnectionManager") =>
-            {
-                HttpConnectionManager::decode(any.value.as_slice()).ok()
-            }
-            _ => None,
-        })
-        .filter_map(|hcm| match hcm.route_specifier {
-            Some(RouteSpecifier::Rds(rds)) => Some(rds.route_config_name),
-            _ => None,
-        })
-        .collect()
 }
 
 /// A version string for one type's resources: the same resources give the same version,
@@ -167,11 +129,6 @@ impl Cache {
             .expect("cache lock")
             .insert(group.to_string(), Arc::new(snapshot));
         self.changed.send_modify(|n| *n += 1);
-    }
-
-    /// Whether a snapshot is served to `group`.
-    pub fn has(&self, group: &str) -> bool {
-        self.groups.lock().expect("cache lock").contains_key(group)
     }
 
     fn get(&self, group: &str) -> Option<Arc<Snapshot>> {
