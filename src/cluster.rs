@@ -603,20 +603,7 @@ fn tls_connector(
         UpstreamProtocol::Http1 => b"http/1.1",
     };
     let config = crate::tls::client_config(&tls.files(), alpn).map_err(|e| e.to_string())?;
-    let host = tls.sni.clone().unwrap_or_else(|| {
-        let first = raw
-            .endpoints
-            .first()
-            .map(|e| e.address.as_str())
-            .unwrap_or("");
-        match first.rsplit_once(':') {
-            Some((host, _)) => host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
-            None => first.to_string(),
-        }
-    });
+    let host = raw.tls_server_name();
     let name =
         ServerName::try_from(host.clone()).map_err(|e| format!("server name `{host}`: {e}"))?;
     Ok((tokio_rustls::TlsConnector::from(config), name))

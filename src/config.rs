@@ -100,6 +100,21 @@ pub fn parse_with(
     file: &str,
     dynamic: Option<&xds::Dynamic>,
 ) -> Result<RawConfig, ConfigErrors> {
+    parse_checked(text, file, dynamic, validate::TlsFiles::Load)
+}
+
+/// Parses and validates a config the control plane serves: the TLS files it names are the
+/// sidecars', so they are not read here (each sidecar NACKs what it cannot load).
+pub fn parse_for_serving(text: &str, file: &str) -> Result<RawConfig, ConfigErrors> {
+    parse_checked(text, file, None, validate::TlsFiles::NameOnly)
+}
+
+fn parse_checked(
+    text: &str,
+    file: &str,
+    dynamic: Option<&xds::Dynamic>,
+    files: validate::TlsFiles,
+) -> Result<RawConfig, ConfigErrors> {
     let at = |pos: Option<Pos>, path: &[Seg], message: String, did_you_mean: Option<String>| {
         ConfigError {
             file: file.to_string(),
@@ -160,7 +175,7 @@ pub fn parse_with(
     };
     if !errors.is_empty() {
         // The schema errors were all in cut-out fields; the rest is still worth checking.
-        for p in validate::validate(&raw, raw.route_configs.len()) {
+        for p in validate::validate(&raw, raw.route_configs.len(), files) {
             errors.push(at(
                 source.locate(&p.path),
                 &p.path,
@@ -188,7 +203,7 @@ pub fn parse_with(
         raw.route_configs.extend(d.route_configs.iter().cloned());
         raw.clusters.extend(d.clusters.iter().cloned());
     }
-    let problems = validate::validate(&raw, statics[1]);
+    let problems = validate::validate(&raw, statics[1], files);
     if problems.is_empty() {
         return Ok(raw);
     }

@@ -131,24 +131,13 @@ fn files_of(source: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
 
 /// A file's snapshot, or every reason it cannot be served.
 fn load(path: &Path) -> Result<Snapshot, Vec<String>> {
-    let (raw, _) = config::load_file(path)
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{file}: cannot read config file: {e}")])?;
+    let raw = config::parse_for_serving(&text, &file)
         .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
     // Not converted to xDS yet: refused rather than served without them.
     let mut unserved = Vec::new();
-    for l in raw.listeners.iter().filter(|l| l.tls.is_some()) {
-        unserved.push(format!(
-            "{}: listener `{}`: `tls` is not served over xDS yet",
-            path.display(),
-            l.name
-        ));
-    }
-    for c in raw.clusters.iter().filter(|c| c.tls.is_some()) {
-        unserved.push(format!(
-            "{}: cluster `{}`: `tls` is not served over xDS yet",
-            path.display(),
-            c.name
-        ));
-    }
     for rc in &raw.route_configs {
         for vh in &rc.virtual_hosts {
             let any =

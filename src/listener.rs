@@ -98,16 +98,7 @@ fn context(
     let tls = match &settings.tls {
         None => None,
         Some(tls) => {
-            // ALPN offers what the listener speaks: a client must not negotiate h2 on an
-            // HTTP/1.1-only listener.
-            let alpn: Vec<String> = tls.alpn.clone().unwrap_or_else(|| {
-                let offered: &[&str] = match settings.protocol {
-                    crate::config::raw::ListenerProtocol::Http1 => &["http/1.1"],
-                    crate::config::raw::ListenerProtocol::Http2 => &["h2"],
-                    crate::config::raw::ListenerProtocol::Auto => &["h2", "http/1.1"],
-                };
-                offered.iter().map(|p| p.to_string()).collect()
-            });
+            let alpn = tls.alpn_for(settings.protocol);
             let files = crate::tls::ServerFiles {
                 alpn: Some(&alpn),
                 ..tls.files()

@@ -54,7 +54,11 @@ fn check_not_expired(path: &str, leaf: &CertificateDer<'_>) -> Result<(), TlsErr
     Ok(())
 }
 
+/// The crypto provider: ring, or AWS-LC when built with the `aws-lc-rs` feature.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[cfg(feature = "aws-lc-rs")]
+    return Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    #[cfg(not(feature = "aws-lc-rs"))]
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

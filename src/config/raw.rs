@@ -693,6 +693,44 @@ impl RawListenerTls {
     }
 }
 
+impl RawListenerTls {
+    /// The ALPN protocols offered: `alpn`, else what a listener of `protocol` speaks (a
+    /// client must not negotiate h2 on an HTTP/1.1-only listener).
+    pub fn alpn_for(&self, protocol: ListenerProtocol) -> Vec<String> {
+        if let Some(alpn) = &self.alpn {
+            return alpn.clone();
+        }
+        let offered: &[&str] = match protocol {
+            ListenerProtocol::Http1 => &["http/1.1"],
+            ListenerProtocol::Http2 => &["h2"],
+            ListenerProtocol::Auto => &["h2", "http/1.1"],
+        };
+        offered.iter().map(|p| p.to_string()).collect()
+    }
+}
+
+impl RawCluster {
+    /// The server name its TLS sends (SNI) and checks: `tls.sni`, else the host of the first
+    /// endpoint as written (empty when there is none yet).
+    pub fn tls_server_name(&self) -> String {
+        if let Some(sni) = self.tls.as_ref().and_then(|t| t.sni.clone()) {
+            return sni;
+        }
+        let first = self
+            .endpoints
+            .first()
+            .map(|e| e.address.as_str())
+            .unwrap_or("");
+        match first.rsplit_once(':') {
+            Some((host, _)) => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            None => first.to_string(),
+        }
+    }
+}
+
 impl RawClusterTls {
     /// The files it reads.
     pub fn paths(&self) -> impl Iterator<Item = &str> {

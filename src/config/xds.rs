@@ -69,6 +69,8 @@ use pbuf::value::Kind;
 use rt::route_action::hash_policy::PolicySpecifier;
 use rt::route_action::{ClusterSpecifier, HashPolicy, HostRewriteSpecifier};
 
+mod tls;
+
 // === Public API ===
 
 /// remora's dynamic resources, converted from Envoy's.
@@ -202,6 +204,10 @@ fn listener_to(l: &RawListener) -> lis::Listener {
     if let Some(n) = l.max_connections {
         x.set("max_connections", n);
     }
+    let transport_socket = l
+        .tls
+        .as_ref()
+        .map(|t| tls::listener_to(t, l.protocol, &mut x));
     lis::Listener {
         name: l.name.clone(),
         address: Some(socket_address(&l.address)),
@@ -210,6 +216,7 @@ fn listener_to(l: &RawListener) -> lis::Listener {
                 name: HCM_FILTER.into(),
                 config_type: Some(lis::filter::ConfigType::TypedConfig(any(&manager))),
             }],
+            transport_socket,
             ..Default::default()
         }],
         metadata: x.metadata(),
@@ -326,8 +333,14 @@ fn listener_from(
     if let Some(c) = &l.default_filter_chain {
         chains.push((at.field("default_filter_chain"), c));
     }
+    let mut tls = None;
     let manager = match chains.as_slice() {
-        [(chain_at, chain)] => filter_chain_from(chain, chain_at, e),
+        [(chain_at, chain)] => {
+            tls = chain.transport_socket.as_ref().and_then(|socket| {
+                tls::listener_from(socket, &x, &chain_at.field("transport_socket"), e)
+            });
+            filter_chain_from(chain, chain_at, e)
+        }
         _ => {
             e.add(
                 &at.field("filter_chains"),
@@ -341,7 +354,7 @@ fn listener_from(
     };
 
     let mut listener = RawListener {
-        tls: None,
+        tls,
         name: l.name.clone(),
         address,
         protocol: ListenerProtocol::Auto,
@@ -374,14 +387,6 @@ fn filter_chain_from<'a>(
         .is_some_and(|m| *m != lis::FilterChainMatch::default())
     {
         e.add(&at.field("filter_chain_match"), "not supported");
-    }
-    if let Some(socket) = &chain.transport_socket {
-        if !is_raw_buffer(socket) {
-            e.add(
-                &at.field("transport_socket"),
-                "not supported yet (downstream TLS)",
-            );
-        }
     }
     unsupported(
         e,
@@ -1672,6 +1677,7 @@ fn cluster_to(c: &RawCluster, assignments: &mut Vec<ep::ClusterLoadAssignment>) 
     };
     let options = http_options_to(c, &mut x);
     let circuit_breakers = breakers_to(c, &mut x);
+    let transport_socket = c.tls.as_ref().map(|t| tls::cluster_to(c, t, &mut x));
     let outlier_detection = c.outlier_detection.as_ref().map(|o| outlier_to(o, &mut x));
     let health_checks = c
         .health_check
@@ -1699,6 +1705,7 @@ fn cluster_to(c: &RawCluster, assignments: &mut Vec<ep::ClusterLoadAssignment>) 
             }),
             ..Default::default()
         }),
+        transport_socket,
         metadata: x.metadata(),
         ..Default::default()
     }
@@ -2040,8 +2047,12 @@ fn cluster_from(
             None
         }
     };
+    let tls = c
+        .transport_socket
+        .as_ref()
+        .and_then(|socket| tls::cluster_from(socket, &x, &at.field("transport_socket"), e));
     RawCluster {
-        tls: None,
+        tls,
         name: c.name.clone(),
         discovery,
         lb_policy,
@@ -2068,11 +2079,10 @@ fn cluster_from(
 }
 
 fn cluster_unsupported(c: &cl::Cluster, at: &At<'_>, e: &mut Errs) {
-    let plain = c.transport_socket.as_ref().is_none_or(is_raw_buffer);
-    if !plain || !c.transport_socket_matches.is_empty() || c.transport_socket_matcher.is_some() {
+    if !c.transport_socket_matches.is_empty() || c.transport_socket_matcher.is_some() {
         e.add(
-            &at.field("transport_socket"),
-            "not supported yet (upstream TLS)",
+            &at.field("transport_socket_matches"),
+            "not supported (one transport_socket per cluster)",
         );
     }
     let per_host = c
@@ -2795,15 +2805,6 @@ fn check_ads(source: Option<&ecore::ConfigSource>, at: &At<'_>, e: &mut Errs) {
     match source.and_then(|s| s.config_source_specifier.as_ref()) {
         None | Some(S::Ads(_)) | Some(S::Self_(_)) => {}
         Some(_) => e.add(at, "only `ads` is supported (remora has one ADS stream)"),
-    }
-}
-
-fn is_raw_buffer(socket: &ecore::TransportSocket) -> bool {
-    match &socket.config_type {
-        Some(ecore::transport_socket::ConfigType::TypedConfig(a)) => {
-            type_name(a).ends_with(".RawBuffer")
-        }
-        None => socket.name == RAW_BUFFER,
     }
 }
 

@@ -94,7 +94,8 @@ impl Service<http::Request<tonic::body::Body>> for Echo {
     }
 }
 
-async fn grpc_setup() -> (Proxy, tonic::client::Grpc<tonic::transport::Channel>) {
+/// The `test.Echo` service served over h2c on 127.0.0.1:0; returns its port.
+pub(crate) async fn echo_upstream() -> u16 {
     let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = socket.local_addr().unwrap().port();
     tokio::spawn(
@@ -102,6 +103,11 @@ async fn grpc_setup() -> (Proxy, tonic::client::Grpc<tonic::transport::Channel>)
             .add_service(Echo)
             .serve_with_incoming(TcpListenerStream::new(socket)),
     );
+    port
+}
+
+async fn grpc_setup() -> (Proxy, tonic::client::Grpc<tonic::transport::Channel>) {
+    let port = echo_upstream().await;
     let routes = "      - { name: all, domains: [\"*\"], routes: [{ match: { prefix: /test.Echo/ }, cluster: grpc }] }";
     let p = proxy(&config(
         routes,

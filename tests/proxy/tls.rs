@@ -2,12 +2,30 @@
 //! authorization, XFCC, and TLS to upstreams (CA, SAN checks, client certificates).
 //! Certificates are made at test time with rcgen.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
+use http::uri::PathAndQuery;
+use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::codegen::{BoxFuture, Service};
+use tonic::{Code, Request};
+use tonic_prost::ProstCodec;
 
+use crate::grpc::{echo_upstream, Msg};
 use crate::support::*;
+use crate::tunnels::{counter_reaches, ws_config, ws_echo_server};
 
 /// A CA and the leaf certificates it signs, as PEM files in a directory of their own.
 struct Pki {
@@ -435,4 +453,275 @@ async fn alpn_follows_the_listener_protocol() {
             .unwrap();
     assert!(ok && status == 200 && body == "up", "{status} {body}");
     assert_eq!(version, "1.1");
+}
+
+/// A TLS client (TLS 1.2/1.3, ring) trusting only `pki`'s CA and offering `alpn`.
+fn tls_client(pki: &Pki, alpn: &[&str]) -> TlsConnector {
+    let pem = std::fs::read(pki.ca()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(pem.as_slice())) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// A TCP connection to `addr` and a TLS handshake for `localhost` on it.
+async fn tls_connect(
+    tls: &TlsConnector,
+    addr: SocketAddr,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tls.connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// Awaits `fut`, failing the test if it takes over 10 s.
+async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within 10 s"))
+}
+
+/// tonic's connector: dials remora and does the TLS handshake itself (tonic is built
+/// without TLS), noting the protocol each connection negotiated by ALPN.
+#[derive(Clone)]
+struct TlsDialer {
+    addr: SocketAddr,
+    tls: TlsConnector,
+    negotiated: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
+}
+
+impl Service<http::Uri> for TlsDialer {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let (addr, tls, negotiated) = (self.addr, self.tls.clone(), self.negotiated.clone());
+        Box::pin(async move {
+            let stream = tls_connect(&tls, addr).await?;
+            let alpn = stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+            negotiated.lock().unwrap().push(alpn);
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// gRPC over an HTTPS listener: a TLS client offering only `h2` negotiates it, and unary
+/// calls (an error status with trailers included), a bidirectional stream and a method the
+/// upstream lacks all pass to an h2c upstream.
+#[tokio::test]
+async fn grpc_over_tls_unary_and_streaming() {
+    let pki = Pki::new("grpc");
+    let (cert, key) = pki.leaf("server", &["localhost"], None);
+    let port = echo_upstream().await;
+    let yaml = https_config(
+        &format!("cert_file: \"{cert}\", key_file: \"{key}\""),
+        "",
+        port,
+    )
+    .replace(
+        "{ name: up, endpoints:",
+        "{ name: up, protocol: http2, endpoints:",
+    );
+    assert!(yaml.contains("protocol: http2"));
+    let p = proxy(&yaml).await;
+    let negotiated = Arc::new(Mutex::new(Vec::new()));
+    let dialer = TlsDialer {
+        addr: p.addr,
+        tls: tls_client(&pki, &["h2"]),
+        negotiated: negotiated.clone(),
+    };
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("https://localhost:{}", p.addr.port()))
+            .unwrap();
+    let channel = within(
+        "the TLS connection",
+        endpoint.connect_with_connector(dialer),
+    )
+    .await
+    .expect("a TLS connection to remora");
+    let mut grpc = tonic::client::Grpc::new(channel);
+
+    within("ready", grpc.ready()).await.unwrap();
+    let resp = within(
+        "the unary call",
+        grpc.unary(
+            Request::new(Msg { text: "hi".into() }),
+            PathAndQuery::from_static("/test.Echo/Unary"),
+            ProstCodec::<Msg, Msg>::default(),
+        ),
+    )
+    .await
+    .expect("unary call over TLS");
+    assert_eq!(resp.metadata().get("x-served-by").unwrap(), "echo");
+    assert_eq!(resp.into_inner().text, "echo: hi");
+
+    within("ready", grpc.ready()).await.unwrap();
+    let status = within(
+        "the failing unary call",
+        grpc.unary(
+            Request::new(Msg {
+                text: "fail".into(),
+            }),
+            PathAndQuery::from_static("/test.Echo/Unary"),
+            ProstCodec::<Msg, Msg>::default(),
+        ),
+    )
+    .await
+    .expect_err("the upstream's error status");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(status.message(), "no such thing");
+    assert_eq!(status.metadata().get("x-detail").unwrap(), "from-upstream");
+
+    within("ready", grpc.ready()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+    let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let resp = grpc.streaming(
+        Request::new(outbound),
+        PathAndQuery::from_static("/test.Echo/Bidi"),
+        ProstCodec::<Msg, Msg>::default(),
+    );
+    tx.send(Msg { text: "one".into() }).await.unwrap();
+    let mut inbound = within("the stream's response headers", resp)
+        .await
+        .expect("stream opened")
+        .into_inner();
+    assert_eq!(
+        within("the first reply", inbound.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .text,
+        "ONE"
+    );
+    for word in ["two", "three", "four"] {
+        tx.send(Msg { text: word.into() }).await.unwrap();
+        let reply = within("a streamed reply", inbound.message()).await;
+        assert_eq!(reply.unwrap().unwrap().text, word.to_uppercase());
+    }
+    drop(tx);
+    assert!(
+        within("the end of the stream", inbound.message())
+            .await
+            .unwrap()
+            .is_none(),
+        "clean end with OK trailers"
+    );
+    assert!(within("the trailers", inbound.trailers())
+        .await
+        .unwrap()
+        .is_some());
+
+    within("ready", grpc.ready()).await.unwrap();
+    let status = within(
+        "the call to a missing method",
+        grpc.unary(
+            Request::new(Msg { text: "hi".into() }),
+            PathAndQuery::from_static("/test.Echo/Missing"),
+            ProstCodec::<Msg, Msg>::default(),
+        ),
+    )
+    .await
+    .expect_err("a method the upstream lacks");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_eq!(status.message(), "no such method", "{status:?}");
+
+    let negotiated = negotiated.lock().unwrap().clone();
+    assert!(!negotiated.is_empty(), "tonic never dialled");
+    assert!(
+        negotiated.iter().all(|p| p.as_deref() == Some(&b"h2"[..])),
+        "ALPN: {negotiated:?}"
+    );
+}
+
+/// WebSocket over an HTTPS listener: a `wss://` handshake (ALPN http/1.1) is tunnelled to a
+/// plain WebSocket upstream; text and binary messages echo and the close handshake completes.
+#[tokio::test]
+async fn websocket_over_tls() {
+    let pki = Pki::new("wss");
+    let (cert, key) = pki.leaf("server", &["localhost"], None);
+    let (port, stats) = ws_echo_server().await;
+    let p = proxy(&ws_config(
+        &format!(", tls: {{ cert_file: \"{cert}\", key_file: \"{key}\" }}"),
+        "",
+        "",
+        port,
+    ))
+    .await;
+    let stream = within(
+        "the TLS handshake",
+        tls_connect(&tls_client(&pki, &["http/1.1"]), p.addr),
+    )
+    .await
+    .expect("a TLS connection to remora");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut ws, resp) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::client_async("wss://localhost/chat", stream),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the wss handshake through remora failed: {e}"));
+    assert_eq!(resp.status(), 101);
+    assert!(
+        counter_reaches(&stats.handshakes, 1, Duration::from_secs(5)).await,
+        "the upstream did not complete the WebSocket handshake"
+    );
+
+    // More than one TLS record's worth (16 KiB) in the last one.
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let messages = [
+        Message::text("hello over wss"),
+        Message::binary(vec![0u8, 1, 2, 253, 254, 255]),
+        Message::text("ünïcödé ✓"),
+        Message::binary(big),
+    ];
+    for (i, msg) in messages.into_iter().enumerate() {
+        within("sending", ws.send(msg.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("sending message {i}: {e}"));
+        match within("the echo", ws.next()).await {
+            Some(Ok(got)) => assert!(
+                got == msg,
+                "message {i}: sent {} bytes, the echo is {} bytes: {:?}",
+                msg.len(),
+                got.len(),
+                got.to_text()
+                    .map(|t| t.chars().take(40).collect::<String>())
+            ),
+            other => panic!("no echo of message {i}: {other:?}"),
+        }
+    }
+
+    within("sending Close", ws.close(None))
+        .await
+        .expect("sending Close");
+    let rest = within("the end of the tunnel", async {
+        let mut rest = Vec::new();
+        while let Some(item) = ws.next().await {
+            rest.push(item);
+        }
+        rest
+    })
+    .await;
+    assert!(
+        matches!(rest.as_slice(), [Ok(Message::Close(_))]),
+        "after our Close, expected the peer's Close and a clean end of the stream: {rest:?}"
+    );
+    assert!(
+        counter_reaches(&stats.ended, 1, Duration::from_secs(5)).await,
+        "the upstream side of the tunnel did not end"
+    );
 }

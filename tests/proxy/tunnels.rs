@@ -33,7 +33,12 @@ const UPSTREAM_ACTIVE_WS: &str = "remora_upstream_connections_active{cluster=\"w
 /// A config with listener `main`, a `/plain` route answered by remora itself (200 `plain`)
 /// and every other path sent to cluster `ws` at `127.0.0.1:port`. The extras are inserted
 /// into the listener's, the `ws` route's and the cluster's flow mappings (`, key: value`).
-fn ws_config(listener_extra: &str, route_extra: &str, cluster_extra: &str, port: u16) -> String {
+pub(crate) fn ws_config(
+    listener_extra: &str,
+    route_extra: &str,
+    cluster_extra: &str,
+    port: u16,
+) -> String {
     format!(
         "admin: {{ address: 127.0.0.1:0 }}\n\
          listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc{listener_extra} }}\n\
@@ -96,15 +101,15 @@ fn body_contains(text: &str, needle: &str) -> bool {
 
 /// Counts what a WebSocket echo server did.
 #[derive(Default)]
-struct EchoStats {
+pub(crate) struct EchoStats {
     /// Handshakes completed (101 sent).
-    handshakes: AtomicUsize,
+    pub(crate) handshakes: AtomicUsize,
     /// WebSocket connections that ended after a completed handshake.
-    ended: AtomicUsize,
+    pub(crate) ended: AtomicUsize,
 }
 
 /// A real WebSocket echo server; returns its port.
-async fn ws_echo_server() -> (u16, Arc<EchoStats>) {
+pub(crate) async fn ws_echo_server() -> (u16, Arc<EchoStats>) {
     let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = socket.local_addr().unwrap().port();
     let stats = Arc::new(EchoStats::default());
@@ -204,7 +209,7 @@ async fn ends_within(ws: &mut Ws, limit: Duration) -> Result<(), String> {
 }
 
 /// Polls (every 20 ms, up to `limit`) until `counter` reaches `want`.
-async fn counter_reaches(counter: &AtomicUsize, want: usize, limit: Duration) -> bool {
+pub(crate) async fn counter_reaches(counter: &AtomicUsize, want: usize, limit: Duration) -> bool {
     let tries = limit.as_millis() / 20;
     for _ in 0..tries {
         if counter.load(SeqCst) >= want {
