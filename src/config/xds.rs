@@ -261,6 +261,18 @@ fn hcm_to(l: &RawListener, x: &mut Extras) -> hcm::HttpConnectionManager {
         normalize_path: l.normalize_path.then_some(pbuf::BoolValue { value: true }),
         merge_slashes: l.merge_slashes,
         access_log: l.access_log.iter().map(access_log_to).collect(),
+        // remora replaces a client-sent XFCC with the verified peer's (By, Hash, URI).
+        forward_client_cert_details: if l.tls.is_some() {
+            hcm::http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32
+        } else {
+            0
+        },
+        set_current_client_cert_details: l.tls.as_ref().map(|_| {
+            hcm::http_connection_manager::SetCurrentClientCertDetails {
+                uri: true,
+                ..Default::default()
+            }
+        }),
         // remora tunnels WebSocket upgrades unless a route disables them; Envoy only when
         // the connection manager enables the type.
         upgrade_configs: vec![hcm::http_connection_manager::UpgradeConfig {
@@ -554,13 +566,24 @@ fn hcm_from(
                 !h.early_header_mutation_extensions.is_empty(),
             ),
             ("local_reply_config", h.local_reply_config.is_some()),
+            (
+                "forward_client_cert_details (remora never forwards a client-sent XFCC: SANITIZE or SANITIZE_SET)",
+                !matches!(
+                    hcm::http_connection_manager::ForwardClientCertDetails::try_from(
+                        h.forward_client_cert_details
+                    ),
+                    Ok(hcm::http_connection_manager::ForwardClientCertDetails::Sanitize
+                        | hcm::http_connection_manager::ForwardClientCertDetails::SanitizeSet)
+                ),
+            ),
         ],
     );
     // Accepted either way: strip_any_host_port / strip_matching_host_port (remora ignores
     // the port unless a domain names one; see the module docs). Ignored as cosmetic or
     // tuning: stat_prefix, server_name, tracing, HTTP/1 and HTTP/2 codec options,
     // stream_idle_timeout, drain and delayed-close timeouts, request ID and XFF settings,
-    // forward_proto_config, proxy_100_continue.
+    // forward_proto_config, proxy_100_continue, set_current_client_cert_details (remora
+    // sends By, Hash and URI).
     inline
 }
 

@@ -297,3 +297,214 @@ async fn envoy_and_remora_answer_alike_under_remora_control_plane() {
     cp.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts Envoy on `bootstrap`, quiet, one worker.
+fn start_envoy(bootstrap: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(envoy_binary())
+        .arg("-c")
+        .arg(bootstrap)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--use-dynamic-base-id",
+            "-l",
+            "error",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start envoy")
+}
+
+const REMORA_ID: &str = "spiffe://mesh.local/ns/shop/sa/remora";
+const ENVOY_ID: &str = "spiffe://mesh.local/ns/shop/sa/envoy";
+
+/// Each proxy's config in the mesh test: an mTLS `inbound` listener in front of its own app,
+/// and a plain `outbound` listener whose routes reach the other proxy's inbound over mTLS
+/// (`/nocert` without a client certificate, `/wrongsan` expecting another identity).
+struct MeshSide<'a> {
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    app: u16,
+    peer_inbound: SocketAddr,
+    peer_id: &'a str,
+    cert: &'a (String, String),
+    ca: &'a str,
+}
+
+impl MeshSide<'_> {
+    fn yaml(&self) -> String {
+        let (cert, key) = self.cert;
+        let (ca, peer, peer_id) = (self.ca, self.peer_inbound, self.peer_id);
+        format!(
+            r#"listeners:
+  - name: inbound
+    address: "{inbound}"
+    route_config: inbound
+    tls: {{ cert_file: "{cert}", key_file: "{key}", client_ca_file: "{ca}" }}
+  - {{ name: outbound, address: "{outbound}", route_config: outbound }}
+route_configs:
+  - name: inbound
+    virtual_hosts: [{{ name: app, domains: ["*"], routes: [{{ match: {{ prefix: / }}, cluster: app }}] }}]
+  - name: outbound
+    virtual_hosts:
+      - name: mesh
+        domains: ["*"]
+        routes:
+          - {{ match: {{ prefix: /nocert }}, cluster: peer-nocert }}
+          - {{ match: {{ prefix: /wrongsan }}, cluster: peer-wrong-san }}
+          - {{ match: {{ prefix: / }}, cluster: peer }}
+clusters:
+  - {{ name: app, endpoints: [{{ address: "127.0.0.1:{app}" }}] }}
+  - name: peer
+    endpoints: [{{ address: "{peer}" }}]
+    tls: {{ ca_file: "{ca}", cert_file: "{cert}", key_file: "{key}", verify_subject_alt_names: ["{peer_id}"] }}
+  - name: peer-nocert
+    endpoints: [{{ address: "{peer}" }}]
+    tls: {{ ca_file: "{ca}", verify_subject_alt_names: ["{peer_id}"] }}
+  - name: peer-wrong-san
+    endpoints: [{{ address: "{peer}" }}]
+    tls: {{ ca_file: "{ca}", cert_file: "{cert}", key_file: "{key}", verify_subject_alt_names: ["spiffe://mesh.local/ns/shop/sa/someone-else"] }}
+"#,
+            inbound = self.inbound,
+            outbound = self.outbound,
+            app = self.app,
+        )
+    }
+}
+
+/// The mesh both ways with one CA, both proxies configured by `remora control-plane` from
+/// YAML: Envoy is the mTLS client of remora's inbound listener and remora the mTLS client of
+/// Envoy's. Each side checks the other's SPIFFE ID, each app sees its caller's identity in
+/// `x-forwarded-client-cert`, and a caller without a certificate or expecting another
+/// identity gets no connection (503).
+#[tokio::test]
+async fn envoy_and_remora_speak_mtls_to_each_other_under_remora_control_plane() {
+    let pki = crate::tls::Pki::new("mesh-interop");
+    let remora_cert = pki.leaf("remora", &["localhost"], Some(REMORA_ID));
+    let envoy_cert = pki.leaf("envoy", &["localhost"], Some(ENVOY_ID));
+    let ca = pki.ca();
+    let (remora_app, envoy_app) = (
+        Upstream::start("remora-app").await,
+        Upstream::start("envoy-app").await,
+    );
+    let (remora_in, remora_out) = (free_address(), free_address());
+    let (envoy_in, envoy_out) = (free_address(), free_address());
+    let remora_side = MeshSide {
+        inbound: remora_in,
+        outbound: remora_out,
+        app: remora_app.port(),
+        peer_inbound: envoy_in,
+        peer_id: ENVOY_ID,
+        cert: &remora_cert,
+        ca: &ca,
+    };
+    let envoy_side = MeshSide {
+        inbound: envoy_in,
+        outbound: envoy_out,
+        app: envoy_app.port(),
+        peer_inbound: remora_in,
+        peer_id: REMORA_ID,
+        cert: &envoy_cert,
+        ca: &ca,
+    };
+    let dir = std::env::temp_dir().join(format!("remora-mesh-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("remora.yaml"), remora_side.yaml()).unwrap();
+    std::fs::write(dir.join("envoy.yaml"), envoy_side.yaml()).unwrap();
+    let cp = remora::control_plane::start(&dir, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+
+    let bootstrap = dir.join("envoy-bootstrap.yml");
+    std::fs::write(&bootstrap, envoy_bootstrap(cp.address, free_address())).unwrap();
+    let mut envoy_proc = start_envoy(&bootstrap);
+    let sidecar_yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: remora-mesh, cluster: remora }}\n\
+         xds: {{ address: \"{}\" }}\n",
+        cp.address
+    );
+    let raw = remora::config::parse(&sidecar_yaml, "sidecar.yaml").unwrap();
+    let app = remora::app::App::start(
+        raw,
+        remora::app::ConfigSource::Inline("sidecar.yaml".into()),
+        &sidecar_yaml,
+    )
+    .await
+    .unwrap();
+    wait_ready(app.admin_address).await;
+
+    let cl = client();
+    let get = |addr: SocketAddr, path: &'static str| {
+        let cl = cl.clone();
+        async move {
+            let req = http::Request::get(format!("http://{addr}{path}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            send(&cl, req).await
+        }
+    };
+    // Envoy → remora: Envoy is up once its outbound listener reaches remora's app.
+    let started = Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(envoy_out).await.is_ok() {
+            let a = get(envoy_out, "/from-envoy").await;
+            if a.status == 200 {
+                assert_eq!(a.header("x-upstream"), "remora-app");
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "Envoy never reached remora over mTLS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = remora_app.seen();
+    let xfcc = seen.last().unwrap().headers["x-forwarded-client-cert"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        xfcc.starts_with(&format!("By={REMORA_ID};Hash="))
+            && xfcc.ends_with(&format!(";URI={ENVOY_ID}")),
+        "remora's app sees Envoy's identity: {xfcc}"
+    );
+
+    // remora → Envoy.
+    let a = get(remora_out, "/from-remora").await;
+    assert_eq!(
+        (a.status.as_u16(), a.header("x-upstream")),
+        (200, "envoy-app")
+    );
+    let seen = envoy_app.seen();
+    let xfcc = seen.last().unwrap().headers["x-forwarded-client-cert"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        xfcc.starts_with(&format!("By={ENVOY_ID};Hash="))
+            && xfcc.ends_with(&format!(";URI={REMORA_ID}")),
+        "Envoy's app sees remora's identity: {xfcc}"
+    );
+
+    // The refusals, both ways: without a client certificate, and expecting another identity.
+    let hits = (remora_app.hits(), envoy_app.hits());
+    for (addr, path) in [
+        (remora_out, "/nocert"),
+        (remora_out, "/wrongsan"),
+        (envoy_out, "/nocert"),
+        (envoy_out, "/wrongsan"),
+    ] {
+        let a = get(addr, path).await;
+        assert_eq!(a.status, 503, "{addr}{path}: {}", a.body);
+    }
+    assert_eq!((remora_app.hits(), envoy_app.hits()), hits);
+
+    let _ = envoy_proc.kill();
+    let _ = envoy_proc.wait();
+    cp.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

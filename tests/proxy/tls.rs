@@ -28,14 +28,14 @@ use crate::support::*;
 use crate::tunnels::{counter_reaches, ws_config, ws_echo_server};
 
 /// A CA and the leaf certificates it signs, as PEM files in a directory of their own.
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     ca_params: CertificateParams,
     ca_key: KeyPair,
 }
 
 impl Pki {
-    fn new(name: &str) -> Pki {
+    pub(crate) fn new(name: &str) -> Pki {
         let dir = std::env::temp_dir().join(format!("remora-tls-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -54,12 +54,12 @@ impl Pki {
         }
     }
 
-    fn ca(&self) -> String {
+    pub(crate) fn ca(&self) -> String {
         self.dir.join("ca.pem").display().to_string()
     }
 
     /// A leaf for `dns` names and, if given, a URI SAN (a SPIFFE ID): (cert path, key path).
-    fn leaf(&self, stem: &str, dns: &[&str], uri: Option<&str>) -> (String, String) {
+    pub(crate) fn leaf(&self, stem: &str, dns: &[&str], uri: Option<&str>) -> (String, String) {
         self.leaf_with(stem, dns, uri, |_| {})
     }
 
