@@ -136,24 +136,6 @@ fn load(path: &Path) -> Result<Snapshot, Vec<String>> {
         .map_err(|e| vec![format!("{file}: cannot read config file: {e}")])?;
     let raw = config::parse_for_serving(&text, &file)
         .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-    // Not converted to xDS yet: refused rather than served without them.
-    let mut unserved = Vec::new();
-    for rc in &raw.route_configs {
-        for vh in &rc.virtual_hosts {
-            let any =
-                vh.authorization.is_some() || vh.routes.iter().any(|r| r.authorization.is_some());
-            if any {
-                unserved.push(format!(
-                    "{}: virtual host `{}`: `authorization` is not served over xDS yet",
-                    path.display(),
-                    vh.name
-                ));
-            }
-        }
-    }
-    if !unserved.is_empty() {
-        return Err(unserved);
-    }
     let resources = config::xds::to_envoy(&raw);
     Snapshot::new(&resources).map_err(|errors| {
         errors

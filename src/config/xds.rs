@@ -69,6 +69,7 @@ use pbuf::value::Kind;
 use rt::route_action::hash_policy::PolicySpecifier;
 use rt::route_action::{ClusterSpecifier, HashPolicy, HostRewriteSpecifier};
 
+mod rbac;
 mod tls;
 
 // === Public API ===
@@ -109,7 +110,17 @@ pub fn to_envoy(raw: &RawConfig) -> Resources {
         .map(|c| cluster_to(c, &mut endpoints))
         .collect();
     Resources {
-        listeners: raw.listeners.iter().map(listener_to).collect(),
+        listeners: raw
+            .listeners
+            .iter()
+            .map(|l| {
+                let authorizes = raw
+                    .route_configs
+                    .iter()
+                    .any(|rc| rc.name == l.route_config && rbac::authorizes(rc));
+                listener_to(l, authorizes)
+            })
+            .collect(),
         route_configs: raw.route_configs.iter().map(route_config_to).collect(),
         clusters,
         endpoints,
@@ -198,9 +209,10 @@ const FILE_LOGGER: &str = "envoy.access_loggers.file";
 const RAW_BUFFER: &str = "envoy.transport_sockets.raw_buffer";
 const HCM_PATH: &str = "typed_config";
 
-fn listener_to(l: &RawListener) -> lis::Listener {
+/// `authorizes`: its route config sets `authorization` somewhere (the RBAC filter is added).
+fn listener_to(l: &RawListener, authorizes: bool) -> lis::Listener {
     let mut x = Extras::default();
-    let manager = hcm_to(l, &mut x);
+    let manager = hcm_to(l, authorizes, &mut x);
     if let Some(n) = l.max_connections {
         x.set("max_connections", n);
     }
@@ -224,7 +236,7 @@ fn listener_to(l: &RawListener) -> lis::Listener {
     }
 }
 
-fn hcm_to(l: &RawListener, x: &mut Extras) -> hcm::HttpConnectionManager {
+fn hcm_to(l: &RawListener, authorizes: bool, x: &mut Extras) -> hcm::HttpConnectionManager {
     use crate::config::compile::{DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_HEADERS_TIMEOUT};
     let headers_timeout = or_default(
         l.request_headers_timeout,
@@ -250,7 +262,11 @@ fn hcm_to(l: &RawListener, x: &mut Extras) -> hcm::HttpConnectionManager {
             config_source: Some(ads()),
             route_config_name: l.route_config.clone(),
         })),
-        http_filters: vec![router_filter()],
+        http_filters: if authorizes {
+            vec![rbac::filter(), router_filter()]
+        } else {
+            vec![router_filter()]
+        },
         common_http_protocol_options: Some(ecore::HttpProtocolOptions {
             idle_timeout: Some(pb_dur(idle_timeout)),
             max_headers_count: l.max_request_headers_count.map(|n| u32v(u32_of(n))),
@@ -621,6 +637,8 @@ fn http_filters_from(filters: &[hcm::HttpFilter], at: &At<'_>, e: &mut Errs) {
                 &f_at,
                 format!("the last http filter must be the router ({ROUTER_FILTER})"),
             );
+        } else if rbac::is_rbac(&f.name, typed) {
+            rbac::filter_from(typed, &f_at, e);
         } else if !(f.is_optional || f.disabled) {
             // A disabled filter only runs on routes that enable it through
             // typed_per_filter_config, which remora does not read.
@@ -722,6 +740,7 @@ fn vhost_to(v: &RawVirtualHost) -> rt::VirtualHost {
         routes: v.routes.iter().map(route_to).collect(),
         retry_policy,
         per_request_buffer_limit_bytes: replay_to(v.retry_policy.as_ref()),
+        typed_per_filter_config: v.authorization.iter().map(rbac::per_route_to).collect(),
         metadata: x.metadata(),
         ..Default::default()
     }
@@ -745,6 +764,7 @@ fn route_to(r: &RawRoute) -> rt::Route {
         response_headers_to_add: r.response_headers_to_add.iter().map(header_to).collect(),
         response_headers_to_remove: r.response_headers_to_remove.clone(),
         per_request_buffer_limit_bytes: buffer,
+        typed_per_filter_config: r.authorization.iter().map(rbac::per_route_to).collect(),
         metadata: x.metadata(),
         ..Default::default()
     }
@@ -1052,8 +1072,9 @@ fn vhost_from(v: &rt::VirtualHost, at: &At<'_>, e: &mut Errs) -> RawVirtualHost 
             ("route_specifiers", !v.route_specifiers.is_empty()),
         ],
     );
-    // Ignored: virtual_clusters (stats), rate_limits and typed_per_filter_config (for
-    // filters remora does not run), include_*_attempt_count, request_body_buffer_limit.
+    // Ignored: virtual_clusters (stats), rate_limits, the typed_per_filter_config of filters
+    // other than RBAC (remora does not run them), include_*_attempt_count,
+    // request_body_buffer_limit.
     let retry_policy = v.retry_policy.as_ref().map(|p| {
         retry_from(
             p,
@@ -1070,7 +1091,7 @@ fn vhost_from(v: &rt::VirtualHost, at: &At<'_>, e: &mut Errs) -> RawVirtualHost 
         .map(|(i, r)| route_from(r, retry_policy.as_ref(), &at.item("routes", i), e))
         .collect();
     RawVirtualHost {
-        authorization: None,
+        authorization: rbac::per_route_from(&v.typed_per_filter_config, at, e),
         name: v.name.clone(),
         domains: v.domains.clone(),
         routes,
@@ -1090,7 +1111,7 @@ fn route_from(
         at,
         &[("route_specifiers", !r.route_specifiers.is_empty())],
     );
-    // Ignored: decorator, tracing, stat_prefix, typed_per_filter_config.
+    // Ignored: decorator, tracing, stat_prefix, typed_per_filter_config other than RBAC's.
     let route_match = match &r.r#match {
         Some(m) => match_from(m, &at.field("match"), e),
         None => {
@@ -1099,7 +1120,7 @@ fn route_from(
         }
     };
     let mut route = RawRoute {
-        authorization: None,
+        authorization: rbac::per_route_from(&r.typed_per_filter_config, at, e),
         name: (!r.name.is_empty()).then(|| r.name.clone()),
         route_match,
         cluster: None,

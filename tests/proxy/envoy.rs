@@ -320,9 +320,10 @@ fn start_envoy(bootstrap: &std::path::Path) -> std::process::Child {
 const REMORA_ID: &str = "spiffe://mesh.local/ns/shop/sa/remora";
 const ENVOY_ID: &str = "spiffe://mesh.local/ns/shop/sa/envoy";
 
-/// Each proxy's config in the mesh test: an mTLS `inbound` listener in front of its own app,
-/// and a plain `outbound` listener whose routes reach the other proxy's inbound over mTLS
-/// (`/nocert` without a client certificate, `/wrongsan` expecting another identity).
+/// Each proxy's config in the mesh test: an mTLS `inbound` listener in front of its own app
+/// that admits only the peer's identity (and on `/admin` only `ops` identities), and a plain
+/// `outbound` listener whose routes reach the other proxy's inbound over mTLS (`/nocert`
+/// without a client certificate, `/wrongsan` expecting another identity).
 struct MeshSide<'a> {
     inbound: SocketAddr,
     outbound: SocketAddr,
@@ -346,7 +347,13 @@ impl MeshSide<'_> {
   - {{ name: outbound, address: "{outbound}", route_config: outbound }}
 route_configs:
   - name: inbound
-    virtual_hosts: [{{ name: app, domains: ["*"], routes: [{{ match: {{ prefix: / }}, cluster: app }}] }}]
+    virtual_hosts:
+      - name: app
+        domains: ["*"]
+        authorization: {{ principals: ["{peer_id}"] }}
+        routes:
+          - {{ match: {{ prefix: /admin }}, cluster: app, authorization: {{ principals: ["spiffe://mesh.local/ns/ops/*"] }} }}
+          - {{ match: {{ prefix: / }}, cluster: app }}
   - name: outbound
     virtual_hosts:
       - name: mesh
@@ -377,8 +384,9 @@ clusters:
 /// The mesh both ways with one CA, both proxies configured by `remora control-plane` from
 /// YAML: Envoy is the mTLS client of remora's inbound listener and remora the mTLS client of
 /// Envoy's. Each side checks the other's SPIFFE ID, each app sees its caller's identity in
-/// `x-forwarded-client-cert`, and a caller without a certificate or expecting another
-/// identity gets no connection (503).
+/// `x-forwarded-client-cert`, a caller without a certificate or expecting another identity
+/// gets no connection (503), and a caller its principal does not admit gets 403 (remora's
+/// `authorization`, which Envoy gets as RBAC).
 #[tokio::test]
 async fn envoy_and_remora_speak_mtls_to_each_other_under_remora_control_plane() {
     let pki = crate::tls::Pki::new("mesh-interop");
@@ -490,8 +498,13 @@ async fn envoy_and_remora_speak_mtls_to_each_other_under_remora_control_plane() 
         "Envoy's app sees remora's identity: {xfcc}"
     );
 
-    // The refusals, both ways: without a client certificate, and expecting another identity.
+    // The refusals, both ways: not admitted by principal, without a client certificate, and
+    // expecting another identity.
     let hits = (remora_app.hits(), envoy_app.hits());
+    for addr in [remora_out, envoy_out] {
+        let a = get(addr, "/admin").await;
+        assert_eq!(a.status, 403, "{addr}/admin: {}", a.body);
+    }
     for (addr, path) in [
         (remora_out, "/nocert"),
         (remora_out, "/wrongsan"),
