@@ -166,7 +166,7 @@ pub struct Cluster {
     pub metrics: ClusterMetrics,
     /// TLS to the endpoints: the connector and the server name (SNI), or why the cluster's
     /// TLS files could not be loaded (every connection then fails as a connect failure).
-    pub tls: Option<Result<(tokio_rustls::TlsConnector, ServerName<'static>), String>>,
+    pub tls: Option<Result<UpstreamTls, String>>,
     /// A digest of the TLS files the connector was made from: rotated files rebuild the
     /// cluster on the next reload.
     pub tls_digest: u64,
@@ -592,21 +592,39 @@ impl Cluster {
     }
 }
 
-/// The TLS connector of a cluster and the server name it sends: `sni`, else the host of the
-/// first endpoint as written.
+/// A TLS cluster's connectors and the server name they send.
+pub struct UpstreamTls {
+    /// Offers the cluster's protocol by ALPN (`h2`, `http/1.1`, or both for `auto`).
+    pub connector: tokio_rustls::TlsConnector,
+    /// Offers `http/1.1` only: for upgrades (WebSocket), which need an HTTP/1.1 connection,
+    /// and for HTTP/1.1 connections to an `auto` endpoint that chose it.
+    pub http1: tokio_rustls::TlsConnector,
+    /// `sni`, else the host of the first endpoint as written.
+    pub name: ServerName<'static>,
+}
+
 fn tls_connector(
     raw: &RawCluster,
     tls: &crate::config::raw::RawClusterTls,
-) -> Result<(tokio_rustls::TlsConnector, ServerName<'static>), String> {
-    let alpn: &[u8] = match raw.protocol {
-        UpstreamProtocol::Http2 => b"h2",
-        UpstreamProtocol::Http1 => b"http/1.1",
+) -> Result<UpstreamTls, String> {
+    let alpn: &[&[u8]] = match raw.protocol {
+        UpstreamProtocol::Http2 => &[b"h2"],
+        UpstreamProtocol::Http1 => &[b"http/1.1"],
+        UpstreamProtocol::Auto => &[b"h2", b"http/1.1"],
     };
     let config = crate::tls::client_config(&tls.files(), alpn).map_err(|e| e.to_string())?;
+    let http1 = match raw.protocol {
+        UpstreamProtocol::Http1 => config.clone(),
+        _ => crate::tls::client_config(&tls.files(), &[b"http/1.1"]).map_err(|e| e.to_string())?,
+    };
     let host = raw.tls_server_name();
     let name =
         ServerName::try_from(host.clone()).map_err(|e| format!("server name `{host}`: {e}"))?;
-    Ok((tokio_rustls::TlsConnector::from(config), name))
+    Ok(UpstreamTls {
+        connector: tokio_rustls::TlsConnector::from(config),
+        http1: tokio_rustls::TlsConnector::from(http1),
+        name,
+    })
 }
 
 fn spawn_reaper(cluster: Weak<Cluster>, idle: Duration) {

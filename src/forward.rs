@@ -194,6 +194,7 @@ pub fn upstream_request(
     route: &Route,
     down: &Downstream<'_>,
     protocol: UpstreamProtocol,
+    tls: bool,
 ) -> Result<Request<Body>, ProxyError> {
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, down.upgrade);
@@ -245,7 +246,8 @@ pub fn upstream_request(
         .unwrap_or(down.authority);
 
     match protocol {
-        UpstreamProtocol::Http1 => {
+        // An `auto` request goes as HTTP/1.1 and is rewritten once an endpoint chose h2.
+        UpstreamProtocol::Http1 | UpstreamProtocol::Auto => {
             if parts.version == Version::HTTP_2 {
                 join_cookies(&mut parts.headers);
             }
@@ -271,7 +273,7 @@ pub fn upstream_request(
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
             parts.uri = Uri::builder()
-                .scheme("http")
+                .scheme(if tls { "https" } else { "http" })
                 .authority(authority)
                 .path_and_query(path_and_query)
                 .build()

@@ -172,7 +172,14 @@ async fn proxy(
         let (body, progress) = body::watch(body::incoming(body));
         (body, Some(progress))
     };
-    let upstream_req = forward::upstream_request(parts, body, route, &down, cluster.protocol)?;
+    let upstream_req = forward::upstream_request(
+        parts,
+        body,
+        route,
+        &down,
+        cluster.protocol,
+        cluster.tls.is_some(),
+    )?;
     if ctx.access_log.is_some() {
         record.request_id = upstream_req
             .headers()

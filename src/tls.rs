@@ -151,8 +151,8 @@ pub fn server_config(tls: &ServerFiles<'_>) -> Result<Arc<ServerConfig>, TlsErro
     Ok(Arc::new(config))
 }
 
-/// The client config of a TLS cluster; `alpn` is what the cluster speaks.
-pub fn client_config(tls: &ClientFiles<'_>, alpn: &[u8]) -> Result<Arc<ClientConfig>, TlsError> {
+/// The client config of a TLS cluster; `alpn` is what the cluster speaks, by preference.
+pub fn client_config(tls: &ClientFiles<'_>, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
     let ca = tls.ca_file;
     let webpki = WebPkiServerVerifier::builder_with_provider(roots(ca)?, provider())
         .build()
@@ -173,7 +173,7 @@ pub fn client_config(tls: &ClientFiles<'_>, alpn: &[u8]) -> Result<Arc<ClientCon
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![alpn.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

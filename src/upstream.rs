@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -50,6 +51,12 @@ pub enum UpstreamError {
     Overflow(Resource),
     #[error("upstream {addr} switched to a protocol the route does not allow")]
     UnexpectedUpgrade { addr: SocketAddr },
+    #[error("the request to {addr} cannot be written as HTTP/2")]
+    Invalid {
+        addr: SocketAddr,
+        #[source]
+        source: http::Error,
+    },
     #[error("TLS to {addr} failed")]
     Tls {
         addr: SocketAddr,
@@ -84,6 +91,7 @@ impl UpstreamError {
     /// request body failing): nothing the upstream did.
     pub fn is_local(&self) -> bool {
         matches!(self, UpstreamError::Reset { source, .. } if source.is_user())
+            || matches!(self, UpstreamError::Invalid { .. })
     }
 
     /// True when a connection closed before any byte of the response came back, which is
@@ -133,7 +141,14 @@ pub struct Pool {
     h2: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
     h2_opened: std::sync::atomic::AtomicU64,
     h2_connecting: tokio::sync::Mutex<()>,
+    /// For an `auto` cluster, what the endpoint chose by ALPN: [`UNKNOWN`], [`HTTP1`] or
+    /// [`HTTP2`].
+    chosen: AtomicU8,
 }
+
+const UNKNOWN: u8 = 0;
+const HTTP1: u8 = 1;
+const HTTP2: u8 = 2;
 
 impl Default for Pool {
     fn default() -> Self {
@@ -148,6 +163,7 @@ impl Pool {
             h2: Mutex::new(None),
             h2_opened: std::sync::atomic::AtomicU64::new(0),
             h2_connecting: tokio::sync::Mutex::new(()),
+            chosen: AtomicU8::new(UNKNOWN),
         }
     }
 
@@ -202,7 +218,75 @@ pub async fn send(
     match cluster.protocol {
         UpstreamProtocol::Http1 => send_h1(cluster, ep, req).await,
         UpstreamProtocol::Http2 => send_h2(cluster, ep, req).await,
+        UpstreamProtocol::Auto => {
+            if speaks_h2(cluster, ep).await? {
+                let req = as_h2(req).map_err(|source| UpstreamError::Invalid {
+                    addr: ep.address,
+                    source,
+                })?;
+                send_h2(cluster, ep, req).await
+            } else {
+                send_h1(cluster, ep, req).await
+            }
+        }
     }
+}
+
+/// Whether an `auto` endpoint speaks HTTP/2: what it chose by ALPN on an earlier
+/// connection, else on a new one, which is then pooled for the request to use.
+async fn speaks_h2(cluster: &Cluster, ep: &Endpoint) -> Result<bool, UpstreamError> {
+    let pool = &ep.state.pool;
+    match pool.chosen.load(Ordering::Relaxed) {
+        HTTP1 => return Ok(false),
+        HTTP2 => return Ok(true),
+        _ => {}
+    }
+    // One connection learns it; the other requests wait and share the answer.
+    let _connecting = pool.h2_connecting.lock().await;
+    match pool.chosen.load(Ordering::Relaxed) {
+        HTTP1 => return Ok(false),
+        HTTP2 => return Ok(true),
+        _ => {}
+    }
+    let addr = ep.address;
+    let _pending = acquire(cluster, Resource::PendingRequests)?;
+    let permit = acquire(cluster, Resource::Connections)?;
+    let stream = connect_io(cluster, addr, Alpn::Cluster).await?;
+    let h2 = stream.negotiated_h2();
+    if h2 {
+        install_h2(cluster, ep, stream, permit).await?;
+    } else {
+        let (sender, _) = handshake_h1(cluster, addr, stream, permit, false).await?;
+        pool.put_h1(sender);
+    }
+    pool.chosen
+        .store(if h2 { HTTP2 } else { HTTP1 }, Ordering::Relaxed);
+    tracing::debug!(cluster = %cluster.name, %addr, h2, "endpoint chose its protocol by ALPN");
+    Ok(h2)
+}
+
+/// An HTTP/1.1-shaped request (origin form, `Host`) as HTTP/2 over TLS (`:scheme https`,
+/// `:authority` from the URI or `Host`).
+fn as_h2(req: Request<Body>) -> Result<Request<Body>, http::Error> {
+    let (mut parts, body) = req.into_parts();
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str().to_string(),
+        None => parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = http::Uri::builder()
+        .scheme("https")
+        .authority(authority)
+        .path_and_query(path)
+        .build()?;
+    parts.headers.remove(http::header::HOST);
+    parts.version = http::Version::HTTP_2;
+    Ok(Request::from_parts(parts, body))
 }
 
 /// A pooled connection idle at least this long may have been closed by the upstream's own
@@ -380,7 +464,26 @@ async fn h2_sender(
     }
     let addr = ep.address;
     let permit = acquire(cluster, Resource::Connections)?;
-    let stream = connect_io(cluster, addr).await?;
+    let stream = connect_io(cluster, addr, Alpn::Cluster).await?;
+    if cluster.protocol == UpstreamProtocol::Auto && !stream.negotiated_h2() {
+        // The endpoint no longer chooses h2: learn again on the next request.
+        ep.state.pool.chosen.store(UNKNOWN, Ordering::Relaxed);
+        return Err(UpstreamError::Tls {
+            addr,
+            source: io::Error::other("the endpoint no longer negotiates h2 by ALPN"),
+        });
+    }
+    install_h2(cluster, ep, stream, permit).await
+}
+
+/// Opens HTTP/2 on `stream` and makes it the endpoint's shared connection.
+async fn install_h2(
+    cluster: &Cluster,
+    ep: &Endpoint,
+    stream: UpstreamIo,
+    permit: Permit,
+) -> Result<(u64, http2::SendRequest<Body>), UpstreamError> {
+    let addr = ep.address;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .handshake(TokioIo::new(stream))
         .await
@@ -455,6 +558,16 @@ enum UpstreamIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl UpstreamIo {
+    /// True when TLS negotiated `h2` by ALPN.
+    fn negotiated_h2(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(_) => false,
+            UpstreamIo::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
 impl tokio::io::AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -513,9 +626,22 @@ impl tokio::io::AsyncWrite for UpstreamIo {
     }
 }
 
+/// Which ALPN a new TLS connection offers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Alpn {
+    /// The cluster's protocol (both `h2` and `http/1.1` for `auto`).
+    Cluster,
+    /// `http/1.1` only: upgrades, and HTTP/1.1 connections of `auto` clusters.
+    Http1,
+}
+
 /// Opens a connection to `addr`, with the cluster's TLS if it has one. A failed TLS handshake
 /// is a connect failure (the request never left), with the TLS reason.
-async fn connect_io(cluster: &Cluster, addr: SocketAddr) -> Result<UpstreamIo, UpstreamError> {
+async fn connect_io(
+    cluster: &Cluster,
+    addr: SocketAddr,
+    alpn: Alpn,
+) -> Result<UpstreamIo, UpstreamError> {
     let stream = connect_tcp(cluster, addr).await?;
     let Some(tls) = &cluster.tls else {
         return Ok(UpstreamIo::Plain(stream));
@@ -525,12 +651,16 @@ async fn connect_io(cluster: &Cluster, addr: SocketAddr) -> Result<UpstreamIo, U
         tracing::warn!(cluster = %cluster.name, %addr, error = %source, "upstream TLS handshake failed");
         UpstreamError::Tls { addr, source }
     };
-    let (connector, name) = tls
+    let tls = tls
         .as_ref()
         .map_err(|e| failed(io::Error::new(io::ErrorKind::InvalidInput, e.clone())))?;
+    let connector = match alpn {
+        Alpn::Cluster => &tls.connector,
+        Alpn::Http1 => &tls.http1,
+    };
     match tokio::time::timeout(
         cluster.connect_timeout,
-        connector.connect(name.clone(), stream),
+        connector.connect(tls.name.clone(), stream),
     )
     .await
     {
@@ -549,7 +679,18 @@ async fn connect_h1(
     upgrades: bool,
 ) -> Result<(http1::SendRequest<Body>, Arc<ConnectionSlot>), UpstreamError> {
     let permit = acquire(cluster, Resource::Connections)?;
-    let stream = connect_io(cluster, addr).await?;
+    let stream = connect_io(cluster, addr, Alpn::Http1).await?;
+    handshake_h1(cluster, addr, stream, permit, upgrades).await
+}
+
+/// Opens HTTP/1.1 on `stream`; `upgrades`: the connection may be taken over by an upgrade.
+async fn handshake_h1(
+    cluster: &Cluster,
+    addr: SocketAddr,
+    stream: UpstreamIo,
+    permit: Permit,
+    upgrades: bool,
+) -> Result<(http1::SendRequest<Body>, Arc<ConnectionSlot>), UpstreamError> {
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

@@ -65,12 +65,16 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
         loop {
             let Some(c) = cluster.upgrade() else { return };
             let endpoints = c.members().endpoints.clone();
+            let tls = c
+                .tls
+                .as_ref()
+                .map(|t| t.as_ref().ok().map(|t| (t.http1.clone(), t.name.clone())));
             drop(c);
             let checks: Vec<_> = endpoints
                 .iter()
                 .map(|e| {
-                    let (cfg, addr) = (cfg.clone(), e.address);
-                    tokio::spawn(async move { (addr, check(&cfg, addr).await) })
+                    let (cfg, addr, tls) = (cfg.clone(), e.address, tls.clone());
+                    tokio::spawn(async move { (addr, check(&cfg, addr, tls.as_ref()).await) })
                 })
                 .collect();
             let mut results = Vec::with_capacity(checks.len());
@@ -112,19 +116,42 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
     });
 }
 
-async fn check(cfg: &HealthCheckConfig, addr: SocketAddr) -> bool {
-    tokio::time::timeout(cfg.timeout, probe(cfg, addr))
+/// A TLS cluster's connector (HTTP/1.1 ALPN) and server name; `None` inside when the
+/// cluster's TLS files did not load (every probe fails).
+type ProbeTls = Option<(
+    tokio_rustls::TlsConnector,
+    rustls::pki_types::ServerName<'static>,
+)>;
+
+async fn check(cfg: &HealthCheckConfig, addr: SocketAddr, tls: Option<&ProbeTls>) -> bool {
+    tokio::time::timeout(cfg.timeout, probe(cfg, addr, tls))
         .await
         .unwrap_or(false)
 }
 
-async fn probe(cfg: &HealthCheckConfig, addr: SocketAddr) -> bool {
+/// A TCP connect, then (a TLS cluster, as Envoy does) the TLS handshake, then for HTTP
+/// checks a GET.
+async fn probe(cfg: &HealthCheckConfig, addr: SocketAddr, tls: Option<&ProbeTls>) -> bool {
     let Ok(stream) = TcpStream::connect(addr).await else {
         return false;
     };
-    if cfg.protocol == HealthCheckProtocol::Tcp {
-        return true;
+    match tls {
+        None if cfg.protocol == HealthCheckProtocol::Tcp => true,
+        None => http_probe(cfg, stream).await,
+        Some(None) => false,
+        Some(Some((connector, name))) => {
+            let Ok(stream) = connector.connect(name.clone(), stream).await else {
+                return false;
+            };
+            cfg.protocol == HealthCheckProtocol::Tcp || http_probe(cfg, stream).await
+        }
     }
+}
+
+async fn http_probe<S>(cfg: &HealthCheckConfig, stream: S) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let Ok((mut sender, conn)) =
         hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream)).await
     else {

@@ -496,8 +496,12 @@ pub enum UpstreamProtocol {
     /// HTTP/1.1 with a keep-alive pool per endpoint (default).
     #[default]
     Http1,
-    /// h2c with prior knowledge: one multiplexed connection per endpoint (gRPC needs this).
+    /// HTTP/2 with prior knowledge (h2c; with `tls`, ALPN `h2` only): one multiplexed
+    /// connection per endpoint (gRPC needs HTTP/2).
     Http2,
+    /// With `tls` only: ALPN offers `h2` and `http/1.1` and each endpoint's choice is used
+    /// (learned from its first connection), as Envoy's `auto_config`.
+    Auto,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

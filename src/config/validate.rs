@@ -705,6 +705,12 @@ fn check_resilience(out: &mut Problems, i: usize, c: &RawCluster) {
 
 fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster, files: TlsFiles) {
     check_resilience(out, i, c);
+    if c.protocol == UpstreamProtocol::Auto && c.tls.is_none() {
+        out.add(
+            p!["clusters", i, "protocol"],
+            "`auto` chooses by TLS ALPN: it needs `tls` (plain clusters say http1 or http2)",
+        );
+    }
     if let Some(tls) = &c.tls {
         if tls.ca_file.is_none() {
             out.add(
@@ -718,7 +724,7 @@ fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster, files: TlsFiles) 
             );
         } else if files == TlsFiles::NameOnly {
             // The files are the sidecars'.
-        } else if let Err(e) = crate::tls::client_config(&tls.files(), b"http/1.1") {
+        } else if let Err(e) = crate::tls::client_config(&tls.files(), &[b"http/1.1"]) {
             out.add(p!["clusters", i, "tls"], e.to_string());
         }
     }

@@ -1758,27 +1758,39 @@ fn cluster_to(c: &RawCluster, assignments: &mut Vec<ep::ClusterLoadAssignment>) 
 /// The upstream protocol, the idle timeout and (ring hash) the cluster's hash policy.
 fn http_options_to(c: &RawCluster, x: &mut Extras) -> uhttp::HttpProtocolOptions {
     use uhttp::http_protocol_options::explicit_http_config::ProtocolConfig;
-    use uhttp::http_protocol_options::{ExplicitHttpConfig, UpstreamProtocolOptions};
+    use uhttp::http_protocol_options::{
+        AutoHttpConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    };
     let idle = or_default(
         c.idle_timeout,
         Dur(crate::cluster::DEFAULT_IDLE_TIMEOUT),
         "idle_timeout",
         x,
     );
+    let explicit = |protocol| {
+        UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(protocol),
+        })
+    };
     let protocol = match c.protocol {
-        UpstreamProtocol::Http1 => ProtocolConfig::HttpProtocolOptions(Default::default()),
-        UpstreamProtocol::Http2 => ProtocolConfig::Http2ProtocolOptions(Default::default()),
+        UpstreamProtocol::Http1 => {
+            explicit(ProtocolConfig::HttpProtocolOptions(Default::default()))
+        }
+        UpstreamProtocol::Http2 => {
+            explicit(ProtocolConfig::Http2ProtocolOptions(Default::default()))
+        }
+        UpstreamProtocol::Auto => UpstreamProtocolOptions::AutoConfig(AutoHttpConfig {
+            http_protocol_options: Some(Default::default()),
+            http2_protocol_options: Some(Default::default()),
+            ..Default::default()
+        }),
     };
     uhttp::HttpProtocolOptions {
         common_http_protocol_options: Some(ecore::HttpProtocolOptions {
             idle_timeout: Some(pb_dur(idle)),
             ..Default::default()
         }),
-        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
-            ExplicitHttpConfig {
-                protocol_config: Some(protocol),
-            },
-        )),
+        upstream_protocol_options: Some(protocol),
         hash_policy: if c.lb_policy == LbPolicy::RingHash {
             hash_policy_to(c.hash_on.as_ref())
         } else {
@@ -2308,10 +2320,23 @@ fn read_http_options(
             &at.field("use_downstream_protocol_config"),
             "not supported (use explicit_http_config)",
         ),
-        Some(U::AutoConfig(_)) => e.add(
-            &at.field("auto_config"),
-            "not supported (use explicit_http_config)",
-        ),
+        Some(U::AutoConfig(auto)) => {
+            out.protocol = UpstreamProtocol::Auto;
+            unsupported(
+                e,
+                &at.field("auto_config"),
+                &[
+                    (
+                        "http3_protocol_options",
+                        auto.http3_protocol_options.is_some(),
+                    ),
+                    (
+                        "alternate_protocols_cache_options",
+                        auto.alternate_protocols_cache_options.is_some(),
+                    ),
+                ],
+            );
+        }
         None => {}
     }
     if let Some(common) = &o.common_http_protocol_options {

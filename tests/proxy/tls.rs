@@ -725,3 +725,161 @@ async fn websocket_over_tls() {
         "the upstream side of the tunnel did not end"
     );
 }
+
+/// A TLS terminator in front of a plain upstream (which may speak HTTP/1.1, h2c or
+/// WebSocket): offers `alpn` and copies bytes both ways. Returns its port and the protocol
+/// each connection negotiated.
+async fn tls_front(pki: &Pki, alpn: &[&str], backend: u16) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let (cert, key) = pki.leaf("front", &["localhost"], None);
+    let alpn: Vec<String> = alpn.iter().map(|p| p.to_string()).collect();
+    let config = remora::tls::server_config(&remora::tls::ServerFiles {
+        cert_file: &cert,
+        key_file: &key,
+        client_ca_file: None,
+        alpn: Some(&alpn),
+    })
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let negotiated = Arc::new(Mutex::new(Vec::new()));
+    let seen = negotiated.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let chosen = tls.get_ref().1.alpn_protocol().unwrap_or(b"none");
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(chosen).to_string());
+                let Ok(mut plain) = TcpStream::connect(("127.0.0.1", backend)).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, negotiated)
+}
+
+/// `protocol: auto` offers h2 and http/1.1 by ALPN and speaks what each endpoint chose:
+/// HTTP/2 (with `:scheme https`, one shared connection) to one that offers h2, HTTP/1.1 to one
+/// that does not. A WebSocket upgrade to the h2 endpoint goes over an HTTP/1.1 connection.
+/// A `protocol: http2` TLS cluster sends `:scheme https` too.
+#[tokio::test]
+async fn an_auto_cluster_speaks_what_each_endpoint_chooses_by_alpn() {
+    let pki = Pki::new("auto");
+    let up = Upstream::start("app").await;
+    let (both, both_seen) = tls_front(&pki, &["h2", "http/1.1"], up.port()).await;
+    let (h1_only, h1_seen) = tls_front(&pki, &["http/1.1"], up.port()).await;
+    let (ws_port, ws_stats) = ws_echo_server().await;
+    let (ws_front, ws_seen) = tls_front(&pki, &["h2", "http/1.1"], ws_port).await;
+    let ca = pki.ca();
+    let cluster = |name: &str, protocol: &str, port: u16| {
+        format!(
+            "  - {{ name: {name}, protocol: {protocol}, endpoints: [{{ address: \"127.0.0.1:{port}\" }}], tls: {{ ca_file: \"{ca}\", sni: localhost }} }}\n"
+        )
+    };
+    let p = proxy(&format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n\
+         \x20         - {{ match: {{ prefix: /h2 }}, cluster: both }}\n\
+         \x20         - {{ match: {{ prefix: /h1 }}, cluster: h1-only }}\n\
+         \x20         - {{ match: {{ prefix: /ws }}, cluster: ws }}\n\
+         \x20         - {{ match: {{ prefix: /x2 }}, cluster: explicit-h2 }}\n\
+         clusters:\n{}{}{}{}",
+        cluster("both", "auto", both),
+        cluster("h1-only", "auto", h1_only),
+        cluster("ws", "auto", ws_front),
+        cluster("explicit-h2", "http2", both)
+    ))
+    .await;
+    let cl = client();
+    for _ in 0..3 {
+        let r = get(&cl, p.addr, "svc", "/h2", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.header("x-remora-error"));
+        let r = get(&cl, p.addr, "svc", "/h1", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.header("x-remora-error"));
+    }
+    let seen = up.seen();
+    let h2: Vec<_> = seen.iter().filter(|s| s.uri.contains("/h2")).collect();
+    let h1: Vec<_> = seen.iter().filter(|s| s.uri.contains("/h1")).collect();
+    assert_eq!((h2.len(), h1.len()), (3, 3));
+    assert!(
+        h2.iter()
+            .all(|s| s.version == http::Version::HTTP_2 && s.uri.starts_with("https://svc/")),
+        "{h2:?}"
+    );
+    assert!(
+        h1.iter().all(|s| s.version == http::Version::HTTP_11),
+        "{h1:?}"
+    );
+    assert_eq!(
+        *both_seen.lock().unwrap(),
+        ["h2"],
+        "one shared h2 connection"
+    );
+    assert!(h1_seen.lock().unwrap().iter().all(|p| p == "http/1.1"));
+    let r = get(&cl, p.addr, "svc", "/x2", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.header("x-remora-error"));
+    let last = up.seen().pop().unwrap();
+    assert_eq!(
+        (last.version, last.uri.as_str()),
+        (http::Version::HTTP_2, "https://svc/x2")
+    );
+
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut ws, resp) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::client_async("ws://svc/ws", tcp),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the upgrade through an auto cluster failed: {e}"));
+    assert_eq!(resp.status(), 101);
+    within("sending", ws.send(Message::text("over tls")))
+        .await
+        .unwrap();
+    match within("the echo", ws.next()).await {
+        Some(Ok(m)) => assert_eq!(m, Message::text("over tls")),
+        other => panic!("no echo: {other:?}"),
+    }
+    assert!(counter_reaches(&ws_stats.handshakes, 1, Duration::from_secs(5)).await);
+    assert_eq!(*ws_seen.lock().unwrap(), ["http/1.1"]);
+}
+
+/// Active health checks of a TLS cluster speak TLS, as Envoy's do: a healthy HTTPS endpoint
+/// stays in service (probed in plain text, it would fail every check and be marked down).
+#[tokio::test]
+async fn health_checks_of_a_tls_cluster_speak_tls() {
+    let pki = Pki::new("health");
+    let up = Upstream::start("app").await;
+    let (front, _) = tls_front(&pki, &["http/1.1"], up.port()).await;
+    let p = proxy(&format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n      - {{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: / }}, cluster: app }}] }}\n\
+         clusters:\n  - name: app\n    endpoints: [{{ address: \"127.0.0.1:{front}\" }}]\n    tls: {{ ca_file: \"{}\", sni: localhost }}\n    health_check: {{ path: /health, interval: 100ms, unhealthy_threshold: 1 }}\n",
+        pki.ca()
+    ))
+    .await;
+    wait_metric(
+        p.admin,
+        "remora_health_checks_total{cluster=\"app\",result=\"success\"}",
+        3.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            p.admin,
+            "remora_health_checks_total{cluster=\"app\",result=\"failure\"}"
+        )
+        .await,
+        0.0
+    );
+    let r = get(&client(), p.addr, "svc", "/", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.header("x-remora-error"));
+}

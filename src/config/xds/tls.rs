@@ -101,9 +101,11 @@ pub(super) fn cluster_to(
             }
         }
     }
-    let alpn = match c.protocol {
-        crate::config::raw::UpstreamProtocol::Http1 => "http/1.1",
-        crate::config::raw::UpstreamProtocol::Http2 => "h2",
+    use crate::config::raw::UpstreamProtocol;
+    let alpn: &[&str] = match c.protocol {
+        UpstreamProtocol::Http1 => &["http/1.1"],
+        UpstreamProtocol::Http2 => &["h2"],
+        UpstreamProtocol::Auto => &["h2", "http/1.1"],
     };
     let context = etls::UpstreamTlsContext {
         common_tls_context: Some(etls::CommonTlsContext {
@@ -114,7 +116,7 @@ pub(super) fn cluster_to(
                 .map(|(c, k)| certificate(c, k))
                 .into_iter()
                 .collect(),
-            alpn_protocols: vec![alpn.to_string()],
+            alpn_protocols: alpn.iter().map(|p| p.to_string()).collect(),
             validation_context_type: Some(ValidationContextType::ValidationContext(
                 etls::CertificateValidationContext {
                     trusted_ca: tls.ca_file.as_deref().map(file),
@@ -582,6 +584,7 @@ clusters:
       verify_subject_alt_names: ["spiffe://mesh.local/ns/shop/sa/payments", payments.shop.svc]
   - name: by-host
     type: strict_dns
+    protocol: auto
     endpoints: [{ address: "api.example.com:443" }]
     tls: { ca_file: /ca.pem }
   - name: by-ip
@@ -677,6 +680,10 @@ clusters:
         );
         let by_host = upstream(&res.clusters[1]);
         assert_eq!(by_host.sni, "api.example.com");
+        assert_eq!(
+            by_host.common_tls_context.as_ref().unwrap().alpn_protocols,
+            ["h2", "http/1.1"]
+        );
         assert_eq!(
             sans(&by_host),
             [(SanType::Dns as i32, "api.example.com".into())]
