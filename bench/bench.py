@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """Side-by-side benchmark: direct, remora, Envoy, HAProxy and nginx against one shared
-origin, in one run, each proxy with one worker pinned to CPU 1 (origin and load on CPU 0).
+origin, in one run, each proxy with one worker pinned to CPU 1 (origin and load on CPU 0);
+plain HTTP, and HTTPS with one certificate and one set of TLS parameters for all.
 
 Run through `bench/run`, which installs the tools and builds remora first.
 """
@@ -12,10 +13,12 @@ import os
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import time
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +34,33 @@ ENVOY_BIN = next(iter(sorted((BUILD / "venv").glob("lib/python3*/site-packages/e
 TICK = os.sysconf("SC_CLK_TCK")
 PROXY_CPU, LOAD_CPU = "1", "0"
 
+# TLS: one CA and one server certificate (ECDSA P-256), made afresh each run, served by every
+# HTTPS target; every handshake negotiates TLS 1.3, TLS_AES_128_GCM_SHA256 and X25519.
+TLS_DIR = BUILD / "tls"
+TLS_VERSION, TLS_SUITE, TLS_GROUP = "TLSv1.3", "TLS_AES_128_GCM_SHA256", "X25519"
+# remora has no TLS parameters to set and wrk no TLS options, so the clients pin them: OpenSSL
+# reads this file (OPENSSL_CONF) and applies its system_default section to every SSL_CTX wrk and
+# h2load make, so they offer nothing else. The peers are pinned server-side too.
+CLIENT_CNF = f"""openssl_conf = bench_conf
+[bench_conf]
+ssl_conf = bench_ssl
+[bench_ssl]
+system_default = bench_tls
+[bench_tls]
+MinProtocol = {TLS_VERSION}
+MaxProtocol = {TLS_VERSION}
+Ciphersuites = {TLS_SUITE}
+Groups = {TLS_GROUP}
+"""
+CLIENT_ENV = dict(os.environ, OPENSSL_CONF=str(TLS_DIR / "client.cnf"))
+# New-connection scenario: connections h2load opens at once per run (below the 1,024 accept
+# backlog tokio gives remora's listener, so no SYN is dropped).
+TLS_BATCH = 500
+# Built by `bench/run --providers`: remora with the aws-lc-rs crypto provider, and the build
+# times and sizes of both providers.
+REMORA_AWS_LC = BUILD / "remora-aws-lc"
+PROVIDERS = BUILD / "providers.txt"
+
 
 def free_port():
     with socket.socket() as s:
@@ -38,8 +68,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def sh(cmd, timeout=600):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def sh(cmd, timeout=600, env=None):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 # === processes ===
@@ -85,20 +115,28 @@ def memory_kib(pid, field):
     return total
 
 
-def http_ok(port, host="bench", path="/"):
+@cache
+def tls_probe():
+    """Client context for readiness probes: trusts only the bench CA, so a target that
+    answers is also serving the bench certificate."""
+    return ssl.create_default_context(cafile=str(TLS_DIR / "ca.crt"))
+
+
+def http_ok(port, host="bench", path="/", tls=False):
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+            s = tls_probe().wrap_socket(raw, server_hostname="localhost") if tls else raw
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             return s.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
+    except OSError:  # ssl.SSLError too
         return False
 
 
 class Target:
-    def __init__(self, name, port, argv, h2_port=None, host="bench", path="/"):
+    def __init__(self, name, port, argv, h2_port=None, host="bench", path="/", tls=False):
         self.name, self.port, self.argv = name, port, argv
         self.h2_port = h2_port if h2_port is not None else port
-        self.host, self.path = host, path
+        self.host, self.path, self.tls = host, path, tls
         self.proc = None
 
     def start(self):
@@ -108,7 +146,7 @@ class Target:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         while time.perf_counter() - t0 < 30:
-            if http_ok(self.port, self.host, self.path):
+            if http_ok(self.port, self.host, self.path, self.tls):
                 return (time.perf_counter() - t0) * 1000
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
@@ -124,15 +162,50 @@ class Target:
 
 # === configs ===
 
-def remora_config(port, admin, origin, extra_route="", vhosts=None):
+def make_certificates():
+    """A test CA and a server certificate it signs (ECDSA P-256, SAN DNS:localhost and
+    IP:127.0.0.1), made afresh into bench/build/tls/; every HTTPS target serves this pair.
+    Also server.pem (certificate and key in one file, for HAProxy) and the clients' OpenSSL
+    config."""
+    d = TLS_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    ext = write(d / "server.ext", "subjectAltName = DNS:localhost, IP:127.0.0.1\n"
+                "subjectKeyIdentifier = hash\n"
+                "authorityKeyIdentifier = keyid\n"
+                "basicConstraints = critical, CA:FALSE\n"
+                "keyUsage = critical, digitalSignature\n"
+                "extendedKeyUsage = serverAuth\n")
+    for cmd in (
+        ["req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.crt", "-days", "30",
+         "-subj", "/CN=remora bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign"],
+        ["req", "-new", *ec, "-keyout", d / "server.key", "-out", d / "server.csr", "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", d / "server.csr", "-CA", d / "ca.crt", "-CAkey", d / "ca.key",
+         "-CAcreateserial", "-days", "30", "-extfile", ext, "-out", d / "server.crt"],
+    ):
+        out = sh(["openssl"] + [str(c) for c in cmd])
+        if out.returncode != 0:
+            raise RuntimeError(f"openssl {cmd[0]} failed: {out.stderr.strip()}")
+    write(d / "server.pem", (d / "server.crt").read_text() + (d / "server.key").read_text())
+    write(d / "client.cnf", CLIENT_CNF)
+    return d
+
+
+def remora_config(port, admin, origin, extra_route="", vhosts=None, tls=None):
     if vhosts is None:
         vhosts = [("all", ['"*"'], [("/", extra_route)])]
+    listener = f"name: bench, address: 127.0.0.1:{port}, route_config: rc, max_connections: 8000"
+    if tls:
+        # remora sets no TLS parameters (rustls defaults: TLS 1.2 and 1.3); the clients pin them.
+        listener += (f', tls: {{ cert_file: "{tls / "server.crt"}", key_file: "{tls / "server.key"}", '
+                     "alpn: [http/1.1] }")
     lines = [
         "workers: 1",
         f"admin: {{ address: 127.0.0.1:{admin} }}",
         "shutdown: { drain_delay: 0s, drain_timeout: 1s }",
         "listeners:",
-        f"  - {{ name: bench, address: 127.0.0.1:{port}, route_config: rc, max_connections: 8000 }}",
+        f"  - {{ {listener} }}",
         "route_configs:",
         "  - name: rc",
         "    virtual_hosts:",
@@ -155,28 +228,44 @@ def remora_config(port, admin, origin, extra_route="", vhosts=None):
     return "\n".join(lines) + "\n"
 
 
-def envoy_config(port, admin, origin, retry=False, vhosts=None):
+def envoy_config(port, admin, origin, retry=False, vhosts=None, tls=None):
     route_action = {"cluster": "backend"}
     if retry:
         route_action["retry_policy"] = {"retry_on": "5xx,connect-failure,reset", "num_retries": 2}
     if vhosts is None:
         vhosts = [{"name": "all", "domains": ["*"],
                    "routes": [{"match": {"prefix": "/"}, "route": route_action}]}]
+    chain = {"filters": [{
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "ingress", "codec_type": "AUTO",
+            "route_config": {"name": "local", "virtual_hosts": vhosts},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        }}]}
+    if tls:
+        # BoringSSL has no TLS 1.3 cipher suite setting (cipher_suites is for TLS 1.2 and
+        # below); the clients pin the suite.
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
+                                   "tls_maximum_protocol_version": "TLSv1_3",
+                                   "ecdh_curves": [TLS_GROUP]},
+                    "tls_certificates": [{"certificate_chain": {"filename": str(tls / "server.crt")},
+                                          "private_key": {"filename": str(tls / "server.key")}}],
+                    "alpn_protocols": ["http/1.1"],
+                }}}
     return json.dumps({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
             "listeners": [{
                 "name": "ingress",
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "ingress", "codec_type": "AUTO",
-                        "route_config": {"name": "local", "virtual_hosts": vhosts},
-                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                    }}]}],
+                "filter_chains": [chain],
             }],
             "clusters": [{
                 "name": "backend", "type": "STATIC", "connect_timeout": "1s",
@@ -194,7 +283,7 @@ def write(path, text):
     return path
 
 
-def build_targets(origin):
+def build_targets(origin, tls):
     run = BUILD / "run"
     t = {}
     t["direct"] = Target("direct", origin, ["sleep", "100000"])
@@ -241,14 +330,38 @@ def build_targets(origin):
     cfg = write(run / "envoy-retry.json", envoy_config(p, a, origin, retry=True))
     t["envoy-retry"] = Target("envoy-retry", p, [str(ENVOY), "--concurrency", "1", "--disable-hot-restart",
                                                  "--log-level", "error", "-c", str(cfg)])
+    # Scenarios 9 and 10: an HTTPS listener, the same certificate for all, plain-text upstream.
+    remoras = [("remora-tls", REMORA)]
+    if REMORA_AWS_LC.exists():
+        remoras.append(("remora-aws-lc-tls", REMORA_AWS_LC))
+    for name, binary in remoras:
+        p, a = free_port(), free_port()
+        cfg = write(run / f"{name}.yaml", remora_config(p, a, origin, tls=tls))
+        t[name] = Target(name, p, [str(binary), "--log-level", "error", "run", "-c", str(cfg)], tls=True)
+    p, a = free_port(), free_port()
+    cfg = write(run / "envoy-tls.json", envoy_config(p, a, origin, tls=tls))
+    t["envoy-tls"] = Target("envoy-tls", p, [str(ENVOY), "--concurrency", "1", "--disable-hot-restart",
+                                             "--log-level", "error", "-c", str(cfg)], tls=True)
+    p = free_port()
+    hap = (PEERS / "haproxy-tls.cfg").read_text().replace("18402", str(p)).replace("18080", str(origin)) \
+        .replace("@TLS_DIR@", str(tls))
+    cfg = write(run / "haproxy-tls.cfg", hap)
+    t["haproxy-tls"] = Target("haproxy-tls", p, ["haproxy", "-db", "-f", str(cfg)], tls=True)
+    p = free_port()
+    ngx = (PEERS / "nginx-proxy-tls.conf").read_text().replace("18403", str(p)).replace("18080", str(origin)) \
+        .replace("@TLS_DIR@", str(tls))
+    d = run / "nginx-proxy-tls"
+    cfg = write(d / "nginx.conf", ngx)
+    t["nginx-tls"] = Target("nginx-tls", p, ["nginx", "-p", str(d), "-c", str(cfg)], tls=True)
     return t
 
 
 # === load ===
 
-def wrk(port, conns, seconds, host):
+def wrk(port, conns, seconds, host, tls=False):
+    scheme = "https" if tls else "http"
     out = sh(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{conns}", f"-d{seconds}s",
-              "-H", f"Host: {host}", f"http://127.0.0.1:{port}/"]).stdout
+              "-H", f"Host: {host}", f"{scheme}://127.0.0.1:{port}/"], env=CLIENT_ENV if tls else None).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -261,6 +374,36 @@ def h2load(port, seconds):
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
     return float(m.group(1)), int(done.group(2))
+
+
+def new_connections(port, seconds, host):
+    """A new TLS connection for every request, as fast as they are answered: h2load with as
+    many clients as requests (`-c N -n N`), so each client makes one connection with a fresh
+    SSL object, sends one request and closes; run again until `seconds` are up. A fresh SSL
+    object holds no session, so every connection is a full handshake whatever tickets the
+    server issues. (wrk with `Connection: close` is not used: it keeps its SSL object across
+    reconnects and resumes the session whenever the server hands out tickets.)
+    Returns (answered connections, seconds h2load ran, failed requests, negotiated TLS)."""
+    done = failed = 0
+    busy = 0.0
+    negotiated = None
+    units = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        out = sh(["taskset", "-c", LOAD_CPU, "h2load", "--h1", "-c", str(TLS_BATCH), "-n", str(TLS_BATCH),
+                  f"--tls13-ciphers={TLS_SUITE}", f"--groups={TLS_GROUP}", "-H", f":authority: {host}",
+                  f"https://127.0.0.1:{port}/"], timeout=120, env=CLIENT_ENV).stdout
+        took = re.search(r"finished in ([\d.]+)(s|ms|us),", out)
+        counts = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out)
+        if not took or not counts:
+            raise RuntimeError(f"h2load against port {port} printed no results:\n{out}")
+        busy += float(took.group(1)) * units[took.group(2)]
+        done += int(counts.group(1))
+        failed += int(counts.group(2))
+        if negotiated is None:
+            found = [re.search(rf"^{k}: (\S+)", out, re.M) for k in ("TLS Protocol", "Cipher", "Server Temp Key")]
+            negotiated = " ".join(m.group(1) if m else "?" for m in found)
+    return done, busy, failed, negotiated
 
 
 def loadgen(port, rate, seconds, host):
@@ -327,6 +470,29 @@ def instructions_per_request(t, requests):
         proc.wait()
 
 
+def run_tls_target(t, args):
+    """Scenarios 9 and 10 against a target whose listener speaks HTTPS."""
+    r = {}
+    t.start()
+    time.sleep(0.3)
+    # 9: HTTPS keep-alive, 50 connections: the cost of encrypting requests (50 handshakes in all).
+    (rps, total, errors), cpu = measured(t, lambda: wrk(t.port, 50, args.seconds, t.host, tls=True))
+    r["tls_rps"], r["errors"] = rps, errors
+    r["tls_cpu_us"] = cpu * 1e6 / max(total, 1)
+    # 10: a new connection, so a full handshake, for every request.
+    (done, busy, failed, negotiated), cpu = measured(t, lambda: new_connections(t.port, args.seconds, t.host))
+    pinned = f"{TLS_VERSION} {TLS_SUITE} {TLS_GROUP}"
+    if negotiated != pinned:
+        raise RuntimeError(f"{t.name} negotiated {negotiated}, not {pinned}")
+    r["hs_rate"] = done / busy
+    r["hs_cpu_us"] = cpu * 1e6 / max(done, 1)
+    r["hs_per_cpu_s"] = done / cpu if cpu else None
+    r["hs_busy_pct"] = cpu / busy * 100
+    r["hs_errors"] = failed
+    r["tls"] = negotiated
+    return r
+
+
 def run_target(t, args, is_direct):
     r = {}
     r["startup_ms"] = None if is_direct else t.start()
@@ -382,6 +548,19 @@ COLUMNS = [
     ("instructions", "instructions/req (user, callgrind)", "{:,.0f}", "low"),
 ]
 
+TLS_COLUMNS = [
+    ("tls_rps", "HTTPS rps, 50 keep-alive conns", "{:,.0f}", "high"),
+    ("tls_cpu_us", "CPU µs/req, HTTPS keep-alive", "{:.1f}", "low"),
+    ("hs_rate", "new TLS connections/s", "{:,.0f}", "high"),
+    ("hs_cpu_us", "CPU µs/handshake", "{:.1f}", "low"),
+    ("hs_per_cpu_s", "handshakes per CPU-second", "{:,.0f}", "high"),
+    ("hs_busy_pct", "proxy CPU busy, new connections (%)", "{:.0f}", None),
+]
+
+# The HTTPS targets as the TLS tables name them, in table order.
+TLS_TARGETS = {"remora-tls": "remora", "remora-aws-lc-tls": "remora (aws-lc-rs)",
+               "envoy-tls": "envoy", "haproxy-tls": "haproxy", "nginx-tls": "nginx"}
+
 
 def fmt(key, fmt_, v):
     if v is None:
@@ -391,9 +570,59 @@ def fmt(key, fmt_, v):
     return fmt_.format(v)
 
 
+def providers_table():
+    """The build times and binary sizes `bench/run --providers` wrote, if it ran."""
+    if not PROVIDERS.exists():
+        return []
+    text = PROVIDERS.read_text().splitlines()
+    note = "; ".join(l.lstrip("#").strip() for l in text if l.startswith("#"))
+    lines = [f"Crypto providers ({note}): remora built from clean in its own target directory "
+             "(`cargo build --release --bin remora`, with `--features aws-lc-rs` for AWS-LC), "
+             "wall time and size of the binary:", "",
+             "| provider | build wall time (s) | binary (MiB) |", "|---|---|---|"]
+    for row in text:
+        if row.strip() and not row.startswith("#"):
+            provider, seconds, size = row.split()
+            lines.append(f"| {provider} | {float(seconds):.0f} | {int(size) / 2**20:.1f} |")
+    return lines + [""]
+
+
+def tls_report(meds, negotiated):
+    names = [n for n in TLS_TARGETS if n in meds]
+    lines = [f"HTTPS: every target serves the same ECDSA P-256 certificate and negotiates {negotiated} "
+             "(as h2load reported for each); HTTP/1.1 by ALPN, plain-text upstream. Keep-alive: wrk, 1 "
+             "thread, 50 connections. New connection per request: h2load, one request per fresh "
+             f"client, {TLS_BATCH} at a time, repeated, so every connection is a full handshake (no "
+             f"resumption). The client on CPU {LOAD_CPU} may limit handshakes/s (the proxy's CPU busy "
+             "column says how much of its core it used); CPU per handshake, which covers the TCP "
+             "connection, the handshake and one proxied request, does not depend on that.", ""]
+    lines.append("| target | " + " | ".join(c[1] for c in TLS_COLUMNS) + " |")
+    lines.append("|---" * (len(TLS_COLUMNS) + 1) + "|")
+    for n in names:
+        lines.append(f"| {TLS_TARGETS[n]} | " + " | ".join(fmt(k, f, meds[n].get(k)) for k, _, f, _ in TLS_COLUMNS) + " |")
+    lines.append("")
+    lines.append("Against HAProxy (target ÷ HAProxy; the goals: keep-alive CPU per request ≤ HAProxy's, "
+                 "i.e. ≤ 1.00, and handshakes per CPU-second ≥ HAProxy's, i.e. ≥ 1.00):")
+    lines.append("")
+    ratio_columns = [c for c in TLS_COLUMNS if c[3]]
+    lines.append("| target | " + " | ".join(c[1] for c in ratio_columns) + " |")
+    lines.append("|---" * (len(ratio_columns) + 1) + "|")
+    base = meds.get("haproxy-tls", {})
+    for n in names:
+        if n == "haproxy-tls":
+            continue
+        cells = []
+        for k, *_ in ratio_columns:
+            v, b = meds[n].get(k), base.get(k)
+            cells.append(f"{v / b:.2f}" if v is not None and b else "-")
+        lines.append(f"| {TLS_TARGETS[n]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def report(runs, args, versions):
     names = ["direct", "remora", "envoy", "haproxy", "nginx"]
-    meds = {n: {k: med([r.get(k) for r in runs[n]]) for k, *_ in COLUMNS}
+    meds = {n: {k: med([r.get(k) for r in runs[n]]) for k, *_ in COLUMNS + TLS_COLUMNS}
             for n in runs}
     direct = meds.get("direct", {})
     lines = [f"# Benchmark {datetime.date.today().isoformat()}", ""]
@@ -403,6 +632,9 @@ def report(runs, args, versions):
                  "with min–max over rounds in the detail table.")
     lines.append("")
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k not in ("cpu", "perf_note")))
+    lines.append("")
+    lines.append("TLS libraries: remora rustls with ring (the aws-lc-rs build: with AWS-LC), Envoy BoringSSL, "
+                 "HAProxy and nginx the system's OpenSSL, which wrk and h2load use too.")
     lines.append("")
     lines.append("| target | " + " | ".join(c[1] for c in COLUMNS) + " | added p50 / p99 (µs) |")
     lines.append("|---" * (len(COLUMNS) + 2) + "|")
@@ -441,12 +673,15 @@ def report(runs, args, versions):
                  "repeats to within 1-3%; the kernel's share (about three quarters of the CPU time, see "
                  f"bench/README.md) is not included. {versions.get('perf_note')}")
     lines.append("")
+    negotiated = sorted({r["tls"] for n in TLS_TARGETS if n in runs for r in runs[n] if r.get("tls")})
+    lines += tls_report(meds, ", ".join(negotiated) or "-")
+    lines += providers_table()
     lines.append("Detail (min–max over rounds):")
     lines.append("")
     lines.append("| target | metric | values |")
     lines.append("|---|---|---|")
     for n in runs:
-        for k, label, f, _ in COLUMNS:
+        for k, label, f, _ in COLUMNS + TLS_COLUMNS:
             if k == "instructions":
                 continue
             vals = [r.get(k) for r in runs[n] if r.get(k) is not None]
@@ -496,6 +731,7 @@ def main():
         "envoy": re.sub(r".*?/(\d+\.\d+\.\d+)/.*", r"\1", sh([str(ENVOY), "--version"]).stdout.strip()),
         "haproxy": sh(["haproxy", "-v"]).stdout.split()[2],
         "nginx": sh(["nginx", "-v"]).stderr.strip().split("/")[-1],
+        "OpenSSL": sh(["openssl", "version"]).stdout.split()[1],
         "perf_note": "(`perf stat -e instructions` works on this machine too.)" if perf_ok else
         "(`perf stat -e instructions` answers <not supported> here: no PMU in the VM.)",
     }
@@ -510,15 +746,16 @@ def main():
             if http_ok(origin):
                 break
             time.sleep(0.01)
-        targets = build_targets(origin)
+        targets = build_targets(origin, make_certificates())
         order = ["direct", "remora", "envoy", "haproxy", "nginx",
                  "remora-routes", "envoy-routes", "remora-retry", "envoy-retry"]
+        order += [n for n in TLS_TARGETS if n in targets]
         runs = {n: [] for n in order}
         for rnd in range(args.rounds):
             for n in order:
                 t = targets[n]
                 try:
-                    r = run_target(t, args, n == "direct")
+                    r = run_tls_target(t, args) if t.tls else run_target(t, args, n == "direct")
                 finally:
                     t.stop()
                 runs[n].append(r)
@@ -534,7 +771,7 @@ def main():
         os.killpg(origin_proc.pid, signal.SIGKILL)
         origin_proc.wait()
     text, meds = report(runs, args, versions)
-    failed = [n for n in runs for r in runs[n] if r.get("errors") or r.get("rate_errors")]
+    failed = [n for n in runs for r in runs[n] if r.get("errors") or r.get("rate_errors") or r.get("hs_errors")]
     if args.quick:
         out = BUILD / "quick.md"
         write(out, text)
