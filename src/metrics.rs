@@ -33,6 +33,7 @@ pub struct Metrics {
     downstream_connections_overflow: IntCounterVec,
     local_replies: IntCounterVec,
     tls_handshakes: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
     upstream_requests: IntCounterVec,
     upstream_duration: HistogramVec,
     upstream_connections_active: IntGaugeVec,
@@ -127,6 +128,12 @@ impl Metrics {
                 "remora_tls_handshakes_total",
                 "TLS handshakes on HTTPS listeners, by result (success, failure).",
                 &["listener", "result"],
+            ),
+            tls_handshake_failures: counter(
+                &r,
+                "remora_tls_handshake_failures_total",
+                "Failed TLS handshakes by owner (listener: a client's; cluster: to an endpoint), name and reason.",
+                &["owner", "name", "reason"],
             ),
             xds_apply_duration: histogram(
                 &r,
@@ -289,6 +296,7 @@ impl Metrics {
                 .with_label_values(&[name]),
             local_replies: self.local_replies.clone(),
             tls_failed: self.tls_handshakes.with_label_values(&[name, "failure"]),
+            tls_failures: self.tls_handshake_failures.clone(),
             tls_expiry: self.tls_certificate_expiry.clone(),
             tls_ok: self.tls_handshakes.with_label_values(&[name, "success"]),
             name: name.to_string(),
@@ -307,6 +315,7 @@ impl Metrics {
             budget_exhausted: self.retry_budget_exhausted.with_label_values(&[name]),
             body_too_large: self.retry_body_too_large.with_label_values(&[name]),
             tls_expiry: self.tls_certificate_expiry.clone(),
+            tls_failures: self.tls_handshake_failures.clone(),
             overflow: self.breaker_overflow.clone(),
             ejections: self.outlier_ejections.clone(),
             health_checks: [
@@ -334,6 +343,7 @@ pub struct ListenerMetrics {
     pub connections_overflow: IntCounter,
     local_replies: IntCounterVec,
     tls_failed: IntCounter,
+    tls_failures: IntCounterVec,
     pub tls_ok: IntCounter,
     tls_expiry: prometheus::GaugeVec,
     name: String,
@@ -347,9 +357,12 @@ impl ListenerMetrics {
             .set(at as f64);
     }
 
-    /// A TLS handshake failed (no or a wrong client certificate, a protocol error, timeout).
-    pub fn tls_handshake_failure(&self) {
+    /// A client's TLS handshake failed, for `reason` (see [`crate::tls::failure_reason`]).
+    pub fn tls_handshake_failure(&self, reason: &str) {
         self.tls_failed.inc();
+        self.tls_failures
+            .with_label_values(&["listener", &self.name, reason])
+            .inc();
     }
 
     pub fn request(&self, status: u16, seconds: f64) {
@@ -383,10 +396,19 @@ pub struct ClusterMetrics {
     ejections: IntCounterVec,
     health_checks: [IntCounter; 2],
     tls_expiry: prometheus::GaugeVec,
+    tls_failures: IntCounterVec,
     name: String,
 }
 
 impl ClusterMetrics {
+    /// A TLS handshake with an endpoint failed, for `reason` (see
+    /// [`crate::tls::failure_reason`]).
+    pub fn tls_handshake_failure(&self, reason: &str) {
+        self.tls_failures
+            .with_label_values(&["cluster", &self.name, reason])
+            .inc();
+    }
+
     /// The client certificate this cluster presents expires at `at` (Unix seconds).
     pub fn certificate_expires(&self, at: i64) {
         self.tls_expiry

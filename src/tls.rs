@@ -242,6 +242,36 @@ impl ServerCertVerifier for SanVerifier {
     }
 }
 
+/// A bounded label for why a TLS handshake failed (for
+/// `remora_tls_handshake_failures_total`); the full reason goes to the log.
+pub fn failure_reason(error: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return match error.kind() {
+            std::io::ErrorKind::TimedOut => "timeout",
+            std::io::ErrorKind::InvalidInput => "config",
+            _ => "connection_closed",
+        };
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "expired",
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => "name_mismatch",
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        rustls::Error::General(msg) if msg.contains("verify_subject_alt_names") => "san_mismatch",
+        rustls::Error::NoApplicationProtocol => "no_alpn",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        _ => "protocol_error",
+    }
+}
+
 /// A certificate's subject alternative names, by kind.
 #[derive(Debug, Default)]
 pub struct Sans {

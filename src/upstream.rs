@@ -226,7 +226,12 @@ pub async fn send(
                 })?;
                 send_h2(cluster, ep, req).await
             } else {
-                send_h1(cluster, ep, req).await
+                let sent = send_h1(cluster, ep, req).await;
+                if let Err(UpstreamError::Tls { .. }) = &sent {
+                    // Perhaps the endpoint now speaks h2 only: learn again next time.
+                    ep.state.pool.chosen.store(UNKNOWN, Ordering::Relaxed);
+                }
+                sent
             }
         }
     }
@@ -241,7 +246,9 @@ async fn speaks_h2(cluster: &Cluster, ep: &Endpoint) -> Result<bool, UpstreamErr
         HTTP2 => return Ok(true),
         _ => {}
     }
-    // One connection learns it; the other requests wait and share the answer.
+    // One connection learns it; the other requests wait (pending: counted against
+    // `max_pending_requests`) and share the answer.
+    let _pending = acquire(cluster, Resource::PendingRequests)?;
     let _connecting = pool.h2_connecting.lock().await;
     match pool.chosen.load(Ordering::Relaxed) {
         HTTP1 => return Ok(false),
@@ -249,7 +256,6 @@ async fn speaks_h2(cluster: &Cluster, ep: &Endpoint) -> Result<bool, UpstreamErr
         _ => {}
     }
     let addr = ep.address;
-    let _pending = acquire(cluster, Resource::PendingRequests)?;
     let permit = acquire(cluster, Resource::Connections)?;
     let stream = connect_io(cluster, addr, Alpn::Cluster).await?;
     let h2 = stream.negotiated_h2();
@@ -648,7 +654,9 @@ async fn connect_io(
     };
     let failed = |source: io::Error| {
         cluster.metrics.connect_failures.inc();
-        tracing::warn!(cluster = %cluster.name, %addr, error = %source, "upstream TLS handshake failed");
+        let reason = crate::tls::failure_reason(&source);
+        cluster.metrics.tls_handshake_failure(reason);
+        tracing::warn!(cluster = %cluster.name, %addr, error = %source, reason, "upstream TLS handshake failed");
         UpstreamError::Tls { addr, source }
     };
     let tls = tls

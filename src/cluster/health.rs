@@ -65,10 +65,17 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
         loop {
             let Some(c) = cluster.upgrade() else { return };
             let endpoints = c.members().endpoints.clone();
-            let tls = c
-                .tls
-                .as_ref()
-                .map(|t| t.as_ref().ok().map(|t| (t.http1.clone(), t.name.clone())));
+            // A TCP check offers the cluster's ALPN (an h2-only endpoint refuses
+            // `http/1.1`); an HTTP check sends an HTTP/1.1 GET, so it offers `http/1.1`.
+            let tls = c.tls.as_ref().map(|t| {
+                t.as_ref().ok().map(|t| {
+                    let connector = match cfg.protocol {
+                        HealthCheckProtocol::Tcp => t.connector.clone(),
+                        HealthCheckProtocol::Http => t.http1.clone(),
+                    };
+                    (connector, t.name.clone())
+                })
+            });
             drop(c);
             let checks: Vec<_> = endpoints
                 .iter()
@@ -116,7 +123,7 @@ pub fn spawn(cluster: Weak<Cluster>, cfg: HealthCheckConfig) {
     });
 }
 
-/// A TLS cluster's connector (HTTP/1.1 ALPN) and server name; `None` inside when the
+/// A TLS cluster's connector and server name; `None` inside when the
 /// cluster's TLS files did not load (every probe fails).
 type ProbeTls = Option<(
     tokio_rustls::TlsConnector,

@@ -265,6 +265,12 @@ fn check_listeners(
             if let Err(e) = loaded {
                 out.add(p!["listeners", i, "tls"], e.to_string());
             }
+            if tls.alpn.as_ref().is_some_and(|a| a.is_empty()) {
+                out.add(
+                    p!["listeners", i, "tls", "alpn"],
+                    "must name at least one protocol (leave it out for the default)",
+                );
+            }
         }
         if let Some(log) = &l.access_log {
             if log.path.is_empty() {
@@ -726,6 +732,21 @@ fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster, files: TlsFiles) 
             // The files are the sidecars'.
         } else if let Err(e) = crate::tls::client_config(&tls.files(), &[b"http/1.1"]) {
             out.add(p!["clusters", i, "tls"], e.to_string());
+        }
+        // The server name (`sni`, else the first endpoint's host) must be one rustls can
+        // send and check; an EDS cluster without endpoints yet has none to check.
+        let name = c.tls_server_name();
+        let named = tls.sni.is_some() || !c.endpoints.is_empty();
+        if named && rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+            let at = if tls.sni.is_some() {
+                p!["clusters", i, "tls", "sni"]
+            } else {
+                p!["clusters", i, "endpoints", 0, "address"]
+            };
+            out.add(
+                at,
+                format!("`{name}` is not a valid TLS server name (a DNS name or an IP)"),
+            );
         }
     }
     // An EDS cluster may have no endpoint yet (its assignment can be empty): it answers 503.

@@ -638,7 +638,7 @@ fn http_filters_from(filters: &[hcm::HttpFilter], at: &At<'_>, e: &mut Errs) {
                 format!("the last http filter must be the router ({ROUTER_FILTER})"),
             );
         } else if rbac::is_rbac(&f.name, typed) {
-            rbac::filter_from(typed, &f_at, e);
+            rbac::filter_from(&f.name, typed, &f_at, e);
         } else if !(f.is_optional || f.disabled) {
             // A disabled filter only runs on routes that enable it through
             // typed_per_filter_config, which remora does not read.
@@ -985,6 +985,7 @@ fn route_config_from(
     at: &At<'_>,
     e: &mut Errs,
 ) -> RawRouteConfig {
+    rbac::refuse_elsewhere(&rc.typed_per_filter_config, false, at, e);
     unsupported(
         e,
         at,
@@ -1289,6 +1290,7 @@ fn weighted_from(w: &rt::WeightedCluster, at: &At<'_>, e: &mut Errs) -> Vec<RawW
         .enumerate()
         .map(|(i, c)| {
             let c_at = at.item("clusters", i);
+            rbac::refuse_elsewhere(&c.typed_per_filter_config, false, &c_at, e);
             unsupported(
                 e,
                 &c_at,
@@ -2135,11 +2137,22 @@ fn cluster_from(
 }
 
 fn cluster_unsupported(c: &cl::Cluster, at: &At<'_>, e: &mut Errs) {
-    if !c.transport_socket_matches.is_empty() || c.transport_socket_matcher.is_some() {
-        e.add(
-            &at.field("transport_socket_matches"),
-            "not supported (one transport_socket per cluster)",
-        );
+    for (field, set) in [
+        (
+            "transport_socket_matches",
+            !c.transport_socket_matches.is_empty(),
+        ),
+        (
+            "transport_socket_matcher",
+            c.transport_socket_matcher.is_some(),
+        ),
+    ] {
+        if set {
+            e.add(
+                &at.field(field),
+                "not supported (one transport_socket per cluster)",
+            );
+        }
     }
     let per_host = c
         .circuit_breakers

@@ -164,12 +164,13 @@ pub async fn serve(
         let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(error)) => {
-                settings.metrics.tls_handshake_failure();
-                tracing::debug!(%peer, %error, "TLS handshake failed");
+                let reason = crate::tls::failure_reason(&error);
+                settings.metrics.tls_handshake_failure(reason);
+                tracing::debug!(%peer, %error, reason, "TLS handshake failed");
                 return;
             }
             Err(_) => {
-                settings.metrics.tls_handshake_failure();
+                settings.metrics.tls_handshake_failure("timeout");
                 return;
             }
         };

@@ -204,6 +204,14 @@ async fn mtls_principals_authorization_and_xfcc() {
     .await
     .unwrap();
     assert!(!ok, "served a certificate from another CA");
+    for reason in ["no_client_certificate", "unknown_ca"] {
+        wait_metric(
+            p.admin,
+            &format!("remora_tls_handshake_failures_total{{name=\"main\",owner=\"listener\",reason=\"{reason}\"}}"),
+            1.0,
+        )
+        .await;
+    }
     let (ok, status, body, _) = run(vec![
         "--cert".into(),
         web,
@@ -294,6 +302,8 @@ async fn tls_to_the_upstream_with_san_checks_and_a_client_certificate() {
     let r = get(&client(), wrong.addr, "svc", "/", &[]).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.header("x-remora-error"), "upstream_connect_failure");
+    let sample = "remora_tls_handshake_failures_total{name=\"payments\",owner=\"cluster\",reason=\"san_mismatch\"}";
+    assert_eq!(metric(wrong.admin, sample).await, 1.0);
     assert_eq!(up.hits(), 1);
 }
 
@@ -332,6 +342,36 @@ fn tls_files_are_checked_by_validation() {
         text.contains("listeners[0].tls") && text.contains("nope.pem"),
         "{text}"
     );
+}
+
+/// TLS settings that could never work are refused where they are written: an empty ALPN
+/// list, a server name rustls cannot send, `auto` without TLS.
+#[test]
+fn unusable_tls_settings_are_located_errors() {
+    let pki = Pki::new("settings");
+    let (cert, key) = pki.leaf("server", &["localhost"], None);
+    let yaml = https_config(
+        &format!("cert_file: \"{cert}\", key_file: \"{key}\", alpn: []"),
+        "",
+        1,
+    )
+    .replace(
+        "clusters:\n",
+        &format!(
+            "clusters:\n  - {{ name: bad-sni, endpoints: [{{ address: \"127.0.0.1:2\" }}], tls: {{ ca_file: \"{}\", sni: \"api.example.com:443\" }} }}\n  - {{ name: plain-auto, protocol: auto, endpoints: [{{ address: \"127.0.0.1:3\" }}] }}\n",
+            pki.ca()
+        ),
+    );
+    let text = remora::config::parse(&yaml, "tls.yaml")
+        .expect_err("unusable settings")
+        .to_string();
+    for want in [
+        "listeners[0].tls.alpn: must name at least one protocol",
+        "clusters[0].tls.sni: `api.example.com:443` is not a valid TLS server name",
+        "clusters[1].protocol: `auto` chooses by TLS ALPN",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
 }
 
 /// An expired certificate is refused with a located error; a valid one's expiry is exported.
@@ -535,8 +575,12 @@ async fn grpc_over_tls_unary_and_streaming() {
     .replace(
         "{ name: up, endpoints:",
         "{ name: up, protocol: http2, endpoints:",
+    )
+    .replace(
+        "routes: [",
+        "routes: [{ match: { prefix: /test.Echo/Secret }, cluster: up, authorization: { principals: [\"spiffe://mesh.local/ns/ops/*\"] } }, ",
     );
-    assert!(yaml.contains("protocol: http2"));
+    assert!(yaml.contains("protocol: http2") && yaml.contains("/test.Echo/Secret"));
     let p = proxy(&yaml).await;
     let negotiated = Arc::new(Mutex::new(Vec::new()));
     let dialer = TlsDialer {
@@ -638,6 +682,20 @@ async fn grpc_over_tls_unary_and_streaming() {
     .expect_err("a method the upstream lacks");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     assert_eq!(status.message(), "no such method", "{status:?}");
+
+    // A principal not admitted (this client has none): 403, gRPC-shaped.
+    within("ready", grpc.ready()).await.unwrap();
+    let status = within(
+        "the call to a guarded method",
+        grpc.unary(
+            Request::new(Msg { text: "hi".into() }),
+            PathAndQuery::from_static("/test.Echo/Secret"),
+            ProstCodec::<Msg, Msg>::default(),
+        ),
+    )
+    .await
+    .expect_err("a principal not admitted");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
     let negotiated = negotiated.lock().unwrap().clone();
     assert!(!negotiated.is_empty(), "tonic never dialled");
@@ -882,4 +940,124 @@ async fn health_checks_of_a_tls_cluster_speak_tls() {
     );
     let r = get(&client(), p.addr, "svc", "/", &[]).await;
     assert_eq!(r.status, 200, "{}", r.header("x-remora-error"));
+}
+
+/// The leaf certificate (DER) of a PEM file.
+fn leaf_der(path: &str) -> Vec<u8> {
+    let pem = std::fs::read(path).unwrap();
+    let first = rustls_pemfile::certs(&mut std::io::BufReader::new(pem.as_slice()))
+        .next()
+        .expect("a certificate")
+        .unwrap();
+    first.to_vec()
+}
+
+/// One GET over `conn`; the status.
+async fn get_on(
+    conn: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+) -> u16 {
+    let req = http::Request::get("/")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    match within("a request", conn.send_request(req)).await {
+        Ok(resp) => resp.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Rotation under load: clients open a new TLS connection for every request while the
+/// certificate and key are replaced (key first, so for a moment the pair does not match).
+/// New handshakes see the new certificate within seconds, no request fails, and a
+/// connection opened before the rotation keeps working on the old one.
+#[tokio::test]
+async fn rotation_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    let pki = Pki::new("rotate-load");
+    let (cert, key) = pki.leaf_with("server", &["localhost"], None, |p| {
+        p.serial_number = Some(1u64.into());
+    });
+    let (next_cert, next_key) = pki.leaf_with("next", &["localhost"], None, |p| {
+        p.serial_number = Some(2u64.into());
+    });
+    let (old_der, new_der) = (leaf_der(&cert), leaf_der(&next_cert));
+    let up = Upstream::start("up").await;
+    let p = proxy(&https_config(
+        &format!("cert_file: \"{cert}\", key_file: \"{key}\", alpn: [http/1.1]"),
+        "",
+        up.port(),
+    ))
+    .await;
+    let tls = tls_client(&pki, &["http/1.1"]);
+    let connect = |tls: TlsConnector, addr: SocketAddr| async move {
+        let stream = tls_connect(&tls, addr).await.ok()?;
+        let leaf = stream.get_ref().1.peer_certificates()?.first()?.to_vec();
+        let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(driver);
+        Some((conn, leaf))
+    };
+
+    let (mut old_conn, old_leaf) = connect(tls.clone(), p.addr)
+        .await
+        .expect("a first connection");
+    assert_eq!(old_leaf, old_der);
+    assert_eq!(get_on(&mut old_conn).await, 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, saw_new) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (tls, addr, stop) = (tls.clone(), p.addr, stop.clone());
+            let (ok, failed, saw_new, new_der) =
+                (ok.clone(), failed.clone(), saw_new.clone(), new_der.clone());
+            tokio::spawn(async move {
+                // Bounded: at most 10 s or 5,000 requests per client.
+                let started = std::time::Instant::now();
+                for _ in 0..5_000 {
+                    if stop.load(SeqCst) || started.elapsed() > Duration::from_secs(10) {
+                        break;
+                    }
+                    let served = match connect(tls.clone(), addr).await {
+                        Some((mut conn, leaf)) => (get_on(&mut conn).await == 200).then_some(leaf),
+                        None => None,
+                    };
+                    match served {
+                        Some(leaf) => {
+                            ok.fetch_add(1, SeqCst);
+                            if leaf == new_der {
+                                saw_new.fetch_add(1, SeqCst);
+                            }
+                        }
+                        None => {
+                            failed.fetch_add(1, SeqCst);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::rename(&next_key, &key).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::rename(&next_cert, &cert).unwrap();
+    wait_until("a new handshake sees the new certificate", || {
+        saw_new.load(SeqCst) >= 20
+    })
+    .await;
+    stop.store(true, SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(failed.load(SeqCst), 0, "{} served", ok.load(SeqCst));
+    assert!(
+        ok.load(SeqCst) > saw_new.load(SeqCst),
+        "no request before the rotation"
+    );
+    assert_eq!(get_on(&mut old_conn).await, 200, "the old connection");
 }

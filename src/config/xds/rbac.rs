@@ -3,8 +3,14 @@
 //!
 //! remora's `authorization.principals` becomes an ALLOW rule with one policy `remora` whose
 //! permission is `any` and whose principals are `authenticated.principal_name` matchers:
-//! `exact` for a name, `prefix` for a name ending in `*`, and no name (any authenticated
-//! peer) for `*` alone. Envoy reads the peer's URI SAN, then its DNS SAN, as remora does.
+//! `exact` for a name, `prefix` for a name ending in `*`, and the regex `.+` for `*` alone
+//! (any peer with a named certificate: Envoy's matcher without a name would also admit a TLS
+//! client that sent no certificate).
+//!
+//! One difference stays: Envoy matches a principal against every URI SAN, then every DNS
+//! SAN, of the client certificate; remora against its first URI SAN, else its first DNS SAN.
+//! A certificate with several SANs can therefore be admitted by Envoy and not by remora
+//! (never the other way round).
 //! The filter goes into the connection manager of every listener whose route config
 //! authorizes anything (without it Envoy would ignore the per-route rules and admit all);
 //! configured there without rules, it lets everything through, and the per-route rules decide.
@@ -26,6 +32,8 @@ use matcher::string_matcher::MatchPattern;
 /// The filter's name, and the key of its per-route config.
 pub(super) const RBAC_FILTER: &str = "envoy.filters.http.rbac";
 const POLICY: &str = "remora";
+/// The principal name pattern of remora's `*`: any non-empty name.
+const ANY_NAME: &str = ".+";
 
 // === remora → Envoy ===
 
@@ -54,14 +62,17 @@ pub(super) fn per_route_to(a: &RawAuthorization) -> (String, pbuf::Any) {
         .iter()
         .map(|p| {
             let name = match p.strip_suffix('*') {
-                Some("") => None,
-                Some(prefix) => Some(MatchPattern::Prefix(prefix.to_string())),
-                None => Some(MatchPattern::Exact(p.clone())),
+                Some("") => MatchPattern::SafeRegex(matcher::RegexMatcher {
+                    regex: ANY_NAME.into(),
+                    ..Default::default()
+                }),
+                Some(prefix) => MatchPattern::Prefix(prefix.to_string()),
+                None => MatchPattern::Exact(p.clone()),
             };
             erbac::Principal {
                 identifier: Some(Identifier::Authenticated(Authenticated {
-                    principal_name: name.map(|m| matcher::StringMatcher {
-                        match_pattern: Some(m),
+                    principal_name: Some(matcher::StringMatcher {
+                        match_pattern: Some(name),
                         ignore_case: false,
                     }),
                 })),
@@ -100,30 +111,72 @@ pub(super) fn per_route_to(a: &RawAuthorization) -> (String, pbuf::Any) {
 
 // === Envoy → remora ===
 
-/// The connection manager's RBAC filter config: accepted only without rules of its own.
-pub(super) fn filter_from(config: Option<&pbuf::Any>, at: &At<'_>, e: &mut Errs) {
+/// The connection manager's RBAC filter: accepted only under its usual name (the key its
+/// per-route configs are found by), with a typed config and no rules of its own.
+pub(super) fn filter_from(name: &str, config: Option<&pbuf::Any>, at: &At<'_>, e: &mut Errs) {
+    if name != RBAC_FILTER {
+        e.add(
+            &at.field("name"),
+            format!("the RBAC filter must be named `{RBAC_FILTER}` (its per-route configs are keyed by that name)"),
+        );
+    }
     let Some(config) = config else {
+        e.add(
+            &at.field("typed_config"),
+            "is required (config_discovery is not supported)",
+        );
         return;
     };
     match decode_any::<frbac::Rbac>(config) {
         Ok(r) => {
-            let ruled = r.rules.is_some() || r.matcher.is_some();
-            let shadow = r.shadow_rules.is_some() || r.shadow_matcher.is_some();
-            if ruled {
-                e.add(
-                    &at.field("typed_config.rules"),
-                    "not supported on the connection manager: set the rules per virtual host or route (typed_per_filter_config)",
-                );
-            }
-            if shadow {
-                e.add(&at.field("typed_config.shadow_rules"), "not supported");
+            let per_route = "not supported on the connection manager: set the rules per virtual host or route (typed_per_filter_config)";
+            let checks = [
+                ("rules", r.rules.is_some(), per_route),
+                ("matcher", r.matcher.is_some(), per_route),
+                ("shadow_rules", r.shadow_rules.is_some(), "not supported"),
+                (
+                    "shadow_matcher",
+                    r.shadow_matcher.is_some(),
+                    "not supported",
+                ),
+            ];
+            for (field, set, msg) in checks {
+                if set {
+                    e.add(&at.field("typed_config").field(field), msg);
+                }
             }
         }
         Err(msg) => e.add(&at.field("typed_config"), msg),
     }
 }
 
-/// True when `config` is the RBAC filter's.
+/// Refuses RBAC per-route configs where remora does not read them: under another key, or at
+/// a level remora has no `authorization` for (`level`: the route config, a weighted
+/// cluster), where Envoy would enforce them.
+pub(super) fn refuse_elsewhere(
+    configs: &std::collections::HashMap<String, pbuf::Any>,
+    read_here: bool,
+    at: &At<'_>,
+    e: &mut Errs,
+) {
+    let mut keys: Vec<&String> = configs.keys().collect();
+    keys.sort();
+    for key in keys {
+        let holds_rbac =
+            type_name(&configs[key]) == frbac::RbacPerRoute::full_name() || key == RBAC_FILTER;
+        if !holds_rbac || (read_here && key == RBAC_FILTER) {
+            continue;
+        }
+        let msg = if read_here {
+            format!("RBAC is read under `{RBAC_FILTER}` only")
+        } else {
+            "RBAC is supported on virtual hosts and routes only".to_string()
+        };
+        e.add(&at.field(&format!("typed_per_filter_config[{key}]")), msg);
+    }
+}
+
+/// True when the filter is RBAC (by its config's type, or, without one, by its name).
 pub(super) fn is_rbac(name: &str, config: Option<&pbuf::Any>) -> bool {
     config.map_or(name == RBAC_FILTER, |a| {
         type_name(a) == frbac::Rbac::full_name()
@@ -136,6 +189,7 @@ pub(super) fn per_route_from(
     at: &At<'_>,
     e: &mut Errs,
 ) -> Option<RawAuthorization> {
+    refuse_elsewhere(configs, true, at, e);
     let config = configs.get(RBAC_FILTER)?;
     let at = at.field(&format!("typed_per_filter_config[{RBAC_FILTER}]"));
     let per_route = match decode_any::<frbac::RbacPerRoute>(config) {
@@ -203,6 +257,8 @@ fn principal_from(p: &erbac::Principal) -> Option<String> {
     let Some(Identifier::Authenticated(a)) = &p.identifier else {
         return None;
     };
+    // Envoy's matcher without a name admits more (a TLS client without a certificate):
+    // remora's `*` is the closest, and stricter.
     let Some(m) = &a.principal_name else {
         return Some("*".to_string());
     };
@@ -211,7 +267,8 @@ fn principal_from(p: &erbac::Principal) -> Option<String> {
     }
     match &m.match_pattern {
         Some(MatchPattern::Exact(name)) if !name.ends_with('*') => Some(name.clone()),
-        Some(MatchPattern::Prefix(prefix)) => Some(format!("{prefix}*")),
+        Some(MatchPattern::Prefix(prefix)) if !prefix.is_empty() => Some(format!("{prefix}*")),
+        Some(MatchPattern::SafeRegex(re)) if re.regex == ANY_NAME => Some("*".to_string()),
         _ => None,
     }
 }
@@ -282,6 +339,69 @@ clusters: [{ name: c, endpoints: [{ address: 127.0.0.1:3 }] }]
         change(per_route.rbac.as_mut().unwrap().rules.as_mut().unwrap());
         *any = super::super::any(&per_route);
         from_envoy(&res).expect_err("refused")
+    }
+
+    /// RBAC that Envoy would enforce where remora does not look is refused: a filter under
+    /// another name (its per-route configs are keyed by it), one from config discovery, and
+    /// per-route configs under another key, on the route config or on a weighted cluster.
+    #[test]
+    fn rbac_remora_would_not_read_is_refused() {
+        let manager_of = |res: &remora_xds::Resources| -> hcm::HttpConnectionManager {
+            let Some(lis::filter::ConfigType::TypedConfig(a)) =
+                &res.listeners[0].filter_chains[0].filters[0].config_type
+            else {
+                panic!()
+            };
+            decode_any(a).unwrap()
+        };
+        let set_manager = |res: &mut remora_xds::Resources, m: &hcm::HttpConnectionManager| {
+            res.listeners[0].filter_chains[0].filters[0].config_type =
+                Some(lis::filter::ConfigType::TypedConfig(super::super::any(m)));
+        };
+        let refused = |res: &remora_xds::Resources, want: &str| {
+            let errs = from_envoy(res).expect_err("refused");
+            assert!(
+                errs.iter().any(|e| e.contains(want)),
+                "no `{want}` in {errs:#?}"
+            );
+        };
+
+        let mut res = to_envoy(&raw());
+        let mut m = manager_of(&res);
+        m.http_filters[0].name = "rbac".into();
+        set_manager(&mut res, &m);
+        refused(
+            &res,
+            "http_filters[0] (rbac).name: the RBAC filter must be named",
+        );
+
+        let mut res = to_envoy(&raw());
+        let mut m = manager_of(&res);
+        m.http_filters[0].config_type = Some(hcm::http_filter::ConfigType::ConfigDiscovery(
+            Default::default(),
+        ));
+        set_manager(&mut res, &m);
+        refused(
+            &res,
+            "typed_config: is required (config_discovery is not supported)",
+        );
+
+        let mut res = to_envoy(&raw());
+        let vhost = &mut res.route_configs[0].virtual_hosts[0];
+        let rule = vhost.typed_per_filter_config.remove(RBAC_FILTER).unwrap();
+        vhost
+            .typed_per_filter_config
+            .insert("rbac".into(), rule.clone());
+        res.route_configs[1]
+            .typed_per_filter_config
+            .insert(RBAC_FILTER.into(), rule);
+        let errs = from_envoy(&res).expect_err("refused");
+        for want in [
+            "route config `guarded`: virtual_hosts[0].typed_per_filter_config[rbac]: RBAC is read under `envoy.filters.http.rbac` only",
+            "route config `open`: typed_per_filter_config[envoy.filters.http.rbac]: RBAC is supported on virtual hosts and routes only",
+        ] {
+            assert!(errs.iter().any(|e| e == want), "no `{want}` in {errs:#?}");
+        }
     }
 
     /// What RBAC can say and remora cannot is refused by field.

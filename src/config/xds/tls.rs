@@ -416,8 +416,9 @@ struct Validation {
     sans: Vec<String>,
 }
 
-/// `read_sans` false: the SAN matchers are remora's own default (see the module doc), not
-/// read.
+/// `read_sans` false: the SAN matchers were remora's own default (see the module doc), so a
+/// single DNS or IP matcher, the form that default takes, is not read (any other form is:
+/// someone changed it).
 fn validation_from(
     c: &etls::CommonTlsContext,
     read_sans: bool,
@@ -441,9 +442,16 @@ fn validation_from(
             );
             return None;
         }
-        Some(_) => {
+        Some(ValidationContextType::ValidationContextCertificateProvider(_)) => {
             e.add(
                 &at.field("validation_context_certificate_provider"),
+                "not supported",
+            );
+            return None;
+        }
+        Some(ValidationContextType::ValidationContextCertificateProviderInstance(_)) => {
+            e.add(
+                &at.field("validation_context_certificate_provider_instance"),
                 "not supported",
             );
             return None;
@@ -482,9 +490,10 @@ fn validation_from(
                 "custom_validator_config",
                 v.custom_validator_config.is_some(),
             ),
+            ("max_verify_depth", v.max_verify_depth.is_some()),
         ],
     );
-    // Ignored: watched_directory, max_verify_depth, only_verify_leaf_cert_crl,
+    // Ignored: watched_directory, only_verify_leaf_cert_crl (no CRLs),
     // suppress_client_ca_list.
     let trusted_ca_at = at.field("trusted_ca");
     let trusted_ca = match &v.trusted_ca {
@@ -495,14 +504,27 @@ fn validation_from(
         }
     };
     let mut sans = Vec::new();
-    let matchers = if read_sans {
-        v.match_typed_subject_alt_names.as_slice()
-    } else {
+    let kind_of = |m: &etls::SubjectAltNameMatcher| {
+        SanType::try_from(m.san_type).unwrap_or(SanType::Unspecified)
+    };
+    let default_form = match v.match_typed_subject_alt_names.as_slice() {
+        [m] => {
+            matches!(kind_of(m), SanType::Dns | SanType::IpAddress)
+                && matches!(
+                    m.matcher.as_ref().and_then(|s| s.match_pattern.as_ref()),
+                    Some(MatchPattern::Exact(_))
+                )
+        }
+        _ => false,
+    };
+    let matchers = if !read_sans && default_form {
         &[]
+    } else {
+        v.match_typed_subject_alt_names.as_slice()
     };
     for (i, m) in matchers.iter().enumerate() {
         let m_at = at.item("match_typed_subject_alt_names", i);
-        let kind = SanType::try_from(m.san_type).unwrap_or(SanType::Unspecified);
+        let kind = kind_of(m);
         if !matches!(kind, SanType::Uri | SanType::Dns) {
             e.add(
                 &m_at.field("san_type"),
@@ -511,6 +533,20 @@ fn validation_from(
             continue;
         }
         match m.matcher.as_ref().and_then(|s| s.match_pattern.as_ref()) {
+            // remora tells a URI from a DNS name by its `://` (see `cluster_to`).
+            Some(MatchPattern::Exact(name)) if name.contains("://") != (kind == SanType::Uri) => e
+                .add(
+                    &m_at.field("matcher"),
+                    format!(
+                        "a {} SAN {} `://`: remora tells URI from DNS names by it",
+                        kind.as_str_name(),
+                        if kind == SanType::Uri {
+                            "without"
+                        } else {
+                            "with"
+                        }
+                    ),
+                ),
             Some(MatchPattern::Exact(name)) if !name.is_empty() => sans.push(name.clone()),
             _ => e.add(
                 &m_at.field("matcher"),
@@ -799,6 +835,57 @@ clusters:
         assert!(
             errs.iter().any(|e| e.ends_with("validation_context.allow_expired_certificate: not supported")),
             "{errs:#?}"
+        );
+    }
+
+    /// A SAN matcher whose kind remora cannot tell from its name, and a verify depth, are
+    /// refused; a default SAN matcher someone replaced is read, not dropped as the default.
+    #[test]
+    fn san_matchers_are_read_as_written() {
+        fn validation(c: &mut etls::UpstreamTlsContext) -> &mut etls::CertificateValidationContext {
+            match &mut c
+                .common_tls_context
+                .as_mut()
+                .unwrap()
+                .validation_context_type
+            {
+                Some(ValidationContextType::ValidationContext(v)) => v,
+                _ => panic!("no validation context"),
+            }
+        }
+        let errs = errors_after(|res| {
+            let mut c = upstream(&res.clusters[0]);
+            let v = validation(&mut c);
+            v.match_typed_subject_alt_names[1].san_type = SanType::Uri as i32;
+            v.max_verify_depth = Some(super::super::u32v(1));
+            set_upstream(res, 0, &c);
+        });
+        assert!(
+            errs.iter().any(|e| e.ends_with("match_typed_subject_alt_names[1].matcher: a URI SAN without `://`: remora tells URI from DNS names by it")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.ends_with("validation_context.max_verify_depth: not supported")),
+            "{errs:#?}"
+        );
+
+        // `by-host` keeps its metadata (`defaulted`), but its matcher is now a SPIFFE ID.
+        let mut res = to_envoy(&raw(CONFIG));
+        let mut c = upstream(&res.clusters[1]);
+        validation(&mut c).match_typed_subject_alt_names = vec![san_matcher(
+            SanType::Uri,
+            "spiffe://mesh.local/ns/api/sa/api",
+        )];
+        set_upstream(&mut res, 1, &c);
+        let back = from_envoy(&res).unwrap_or_else(|e| panic!("{e:#?}"));
+        assert_eq!(
+            back.clusters[1]
+                .tls
+                .as_ref()
+                .unwrap()
+                .verify_subject_alt_names,
+            ["spiffe://mesh.local/ns/api/sa/api"]
         );
     }
 
