@@ -84,16 +84,35 @@ impl ProxyError {
         }
     }
 
-    /// The local reply: status, marker header, and the error (with its sources) as the body.
+    /// What the client is told: the failure, never an upstream's address or TLS details
+    /// (those stay in the log and the access log, which have the whole error).
+    pub fn client_text(&self) -> String {
+        let ProxyError::Upstream(e) = self else {
+            return self.to_string();
+        };
+        match e {
+            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => {
+                "the upstream connection failed".into()
+            }
+            UpstreamError::ConnectTimeout { timeout, .. } => {
+                format!("the upstream connection timed out after {timeout:?}")
+            }
+            UpstreamError::Tls { .. } => "the TLS handshake with the upstream failed".into(),
+            UpstreamError::Reset { .. } => {
+                "the upstream reset the request before a response".into()
+            }
+            UpstreamError::UnexpectedUpgrade { .. } => {
+                "the upstream switched to a protocol the route does not allow".into()
+            }
+            UpstreamError::Invalid { .. } => "the request cannot be written as HTTP/2".into(),
+            UpstreamError::Overflow(_) => e.to_string(),
+        }
+    }
+
+    /// The local reply: status, marker header, and [`ProxyError::client_text`] as the body.
     pub fn to_response(&self) -> Response<Body> {
         let (status, marker) = self.status_and_marker();
-        let mut text = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
+        let mut text = self.client_text();
         text.push('\n');
         let mut resp = Response::new(body::full(text));
         *resp.status_mut() = status;
@@ -131,7 +150,7 @@ impl ProxyError {
         headers.insert("grpc-status", HeaderValue::from(code));
         // grpc-message is percent-encoded text; the error's own text is ASCII-safe except
         // for what the encoding below covers.
-        let message: String = format!("{marker}: {self}")
+        let message: String = format!("{marker}: {}", self.client_text())
             .bytes()
             .map(|b| match b {
                 b' '..=b'~' if b != b'%' => (b as char).to_string(),

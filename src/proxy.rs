@@ -107,6 +107,11 @@ async fn proxy(
             settings.merge_slashes,
         )?;
     }
+    // Two Host lines could route on one while the upstream acts on the other: 400
+    // (RFC 9112 §3.2).
+    if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
     // Cheap clones (shared bytes) so the authority can outlive `parts` being handed on.
     let (uri, host) = (parts.uri.clone(), parts.headers.get(header::HOST).cloned());
     let authority = authority(&uri, host.as_ref(), parts.version)?;

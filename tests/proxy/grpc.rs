@@ -216,9 +216,10 @@ async fn local_replies_to_grpc_calls_are_grpc_statuses() {
         .await
         .expect_err("no upstream");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(
-        status.message().contains("upstream_connect_failure"),
-        "{status:?}"
+    assert_eq!(
+        status.message(),
+        "upstream_connect_failure: the upstream connection failed",
+        "the failure, not the endpoint's address: {status:?}"
     );
 
     grpc.ready().await.unwrap();

@@ -736,3 +736,33 @@ async fn path_normalization_is_offered_per_listener() {
     }
     assert_eq!(up.hits(), before + 1);
 }
+
+/// RFC 9112 §3.2: a request with two Host lines is a 400 and reaches no upstream (remora
+/// would route on one while the upstream acted on the other). An absolute-form request is
+/// routed by its own authority, and the upstream gets that as Host, not the Host line sent.
+#[tokio::test]
+async fn two_host_headers_are_a_400_and_absolute_form_wins_over_host() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let vhosts = "      - { name: a, domains: [a.svc], routes: [{ match: { prefix: / }, cluster: a }] }\n\
+                  \x20     - { name: b, domains: [b.svc], routes: [{ match: { prefix: / }, cluster: b }] }";
+    let clusters = format!(
+        "{}{}",
+        cluster("a", &[(a.port(), 1)], ""),
+        cluster("b", &[(b.port(), 1)], "")
+    );
+    let p = proxy(&config(vhosts, &clusters)).await;
+    let twice = b"GET / HTTP/1.1\r\nHost: a.svc\r\nHost: b.svc\r\nconnection: close\r\n\r\n";
+    let answer = raw_exchange(p.addr, twice, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&answer), 400, "{answer}");
+    assert!(answer.contains("x-remora-error: bad_request"), "{answer}");
+    assert_eq!(a.hits() + b.hits(), 0);
+
+    let absolute = b"GET http://b.svc/x HTTP/1.1\r\nHost: a.svc\r\nconnection: close\r\n\r\n";
+    let answer = raw_exchange(p.addr, absolute, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert_eq!((a.hits(), b.hits()), (0, 1));
+    let seen = b.seen().pop().unwrap();
+    assert_eq!(seen.headers["host"], "b.svc");
+    assert_eq!(seen.uri, "/x");
+}
