@@ -30,6 +30,8 @@ use crate::upstream::Pool;
 /// Default `connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default upstream pool `idle_timeout`.
+/// Default `max_response_headers_bytes`: 60 KiB, as Envoy's `max_response_headers_kb`.
+pub const DEFAULT_MAX_RESPONSE_HEADERS: usize = 60 * 1024;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `dns_refresh_rate`.
 pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -160,6 +162,8 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The response head bound (`max_response_headers_bytes`).
+    pub max_response_headers: usize,
     pub lb_policy: LbPolicy,
     /// For `ring_hash` on a header.
     pub hash_header: Option<HeaderName>,
@@ -216,6 +220,9 @@ impl Cluster {
             protocol: raw.protocol,
             connect_timeout: raw.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
             idle_timeout: raw.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+            max_response_headers: raw
+                .max_response_headers_bytes
+                .unwrap_or(DEFAULT_MAX_RESPONSE_HEADERS),
             lb_policy: raw.lb_policy,
             hash_header,
             metrics,

@@ -70,6 +70,13 @@ impl ProxyError {
             ProxyError::Upstream(e) if e.is_connect_failure() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "upstream_connect_failure")
             }
+            ProxyError::Upstream(e) if e.is_response_head_too_large() => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_response_headers_too_large",
+            ),
+            ProxyError::Upstream(e) if e.is_malformed_response() => {
+                (StatusCode::BAD_GATEWAY, "upstream_protocol_error")
+            }
             ProxyError::Upstream(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_reset"),
             ProxyError::Timeout(_) | ProxyError::PerTryTimeout(_) => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
@@ -98,6 +105,12 @@ impl ProxyError {
                 format!("the upstream connection timed out after {timeout:?}")
             }
             UpstreamError::Tls { .. } => "the TLS handshake with the upstream failed".into(),
+            UpstreamError::Reset { .. } if e.is_response_head_too_large() => {
+                "the upstream's response headers are over the cluster's limit".into()
+            }
+            UpstreamError::Reset { .. } if e.is_malformed_response() => {
+                "the upstream's response is not valid HTTP".into()
+            }
             UpstreamError::Reset { .. } => {
                 "the upstream reset the request before a response".into()
             }

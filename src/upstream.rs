@@ -94,6 +94,16 @@ impl UpstreamError {
             || matches!(self, UpstreamError::Invalid { .. })
     }
 
+    /// True when the endpoint's response head was over `max_response_headers_bytes`.
+    pub fn is_response_head_too_large(&self) -> bool {
+        matches!(self, UpstreamError::Reset { source, .. } if source.is_parse_too_large())
+    }
+
+    /// True when the endpoint answered something that is not an HTTP response.
+    pub fn is_malformed_response(&self) -> bool {
+        matches!(self, UpstreamError::Reset { source, .. } if source.is_parse())
+    }
+
     /// True when a connection closed before any byte of the response came back, which is
     /// what an upstream closing an idle keep-alive connection looks like.
     fn closed_before_response(&self) -> bool {
@@ -491,6 +501,7 @@ async fn install_h2(
 ) -> Result<(u64, http2::SendRequest<Body>), UpstreamError> {
     let addr = ep.address;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .max_header_list_size(u32::try_from(cluster.max_response_headers).unwrap_or(u32::MAX))
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;
@@ -699,7 +710,10 @@ async fn handshake_h1(
     permit: Permit,
     upgrades: bool,
 ) -> Result<(http1::SendRequest<Body>, Arc<ConnectionSlot>), UpstreamError> {
+    // The read buffer bounds the response head (a longer head fails to parse: 502); hyper's
+    // floor is 8192, which validation keeps the setting above.
     let (sender, conn) = http1::Builder::new()
+        .max_buf_size(cluster.max_response_headers.max(8192))
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;

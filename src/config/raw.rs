@@ -518,7 +518,7 @@ pub struct RawCluster {
     /// For `ring_hash`: `{ header: NAME }`; default and fallback: the client address.
     #[serde(default)]
     pub hash_on: Option<HashOn>,
-    /// `http1` (default) or `http2` (h2c).
+    /// `http1` (default), `http2` (h2c, or h2 by ALPN with `tls`) or `auto` (with `tls`).
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     /// The endpoints.
@@ -530,6 +530,11 @@ pub struct RawCluster {
     /// Pooled connections unused for this long are closed. Default `60s`.
     #[serde(default)]
     pub idle_timeout: Option<Dur>,
+    /// Largest response head (status line and headers) an endpoint may send, in bytes,
+    /// 8192 to 1048576; a larger one is a 502 `upstream_response_headers_too_large`.
+    /// Default 61440 (60 KiB, Envoy's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_headers_bytes: Option<usize>,
     /// For `strict_dns`: how often to resolve again. Default `5s`.
     #[serde(default)]
     pub dns_refresh_rate: Option<Dur>,

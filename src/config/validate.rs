@@ -711,6 +711,14 @@ fn check_resilience(out: &mut Problems, i: usize, c: &RawCluster) {
 
 fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster, files: TlsFiles) {
     check_resilience(out, i, c);
+    if c.max_response_headers_bytes
+        .is_some_and(|n| !(8192..=1 << 20).contains(&n))
+    {
+        out.add(
+            p!["clusters", i, "max_response_headers_bytes"],
+            "must be between 8192 and 1048576",
+        );
+    }
     if c.protocol == UpstreamProtocol::Auto && c.tls.is_none() {
         out.add(
             p!["clusters", i, "protocol"],

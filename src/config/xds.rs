@@ -1787,9 +1787,18 @@ fn http_options_to(c: &RawCluster, x: &mut Extras) -> uhttp::HttpProtocolOptions
             ..Default::default()
         }),
     };
+    // Envoy counts KiB: a byte count that is not a multiple is rounded up for Envoy and
+    // carried exactly for remora.
+    let max_response_headers_kb = c.max_response_headers_bytes.map(|bytes| {
+        if bytes % 1024 != 0 {
+            x.set("max_response_headers_bytes", bytes);
+        }
+        u32v(u32_of(bytes.div_ceil(1024)))
+    });
     uhttp::HttpProtocolOptions {
         common_http_protocol_options: Some(ecore::HttpProtocolOptions {
             idle_timeout: Some(pb_dur(idle)),
+            max_response_headers_kb,
             ..Default::default()
         }),
         upstream_protocol_options: Some(protocol),
@@ -2124,6 +2133,13 @@ fn cluster_from(
             "idle_timeout",
             &x,
         ),
+        max_response_headers_bytes: options.max_response_headers_kb.map(|kb| {
+            let kb = kb as usize;
+            match x.number::<usize>("max_response_headers_bytes", at, e) {
+                Some(exact) if exact.div_ceil(1024) == kb => exact,
+                _ => kb * 1024,
+            }
+        }),
         dns_refresh_rate,
         circuit_breakers,
         retry_budget,
@@ -2277,6 +2293,7 @@ fn lb_from(policy: i32, at: &At<'_>, e: &mut Errs) -> LbPolicy {
 struct HttpOptions {
     protocol: UpstreamProtocol,
     idle_timeout: Option<Dur>,
+    max_response_headers_kb: Option<u32>,
     hash: HashSpec,
 }
 
@@ -2296,6 +2313,7 @@ fn http_options_from(c: &cl::Cluster, at: &At<'_>, e: &mut Errs) -> HttpOptions 
                 e,
             )
         }),
+        max_response_headers_kb: None,
         hash: HashSpec::Unset,
     };
     for (key, a) in &c.typed_extension_protocol_options {
@@ -2360,6 +2378,9 @@ fn read_http_options(
             e,
         ) {
             out.idle_timeout = Some(idle);
+        }
+        if let Some(kb) = common.max_response_headers_kb {
+            out.max_response_headers_kb = Some(kb.value);
         }
     }
     match hash_spec(&o.hash_policy) {
@@ -3183,6 +3204,7 @@ clusters:
     endpoints: [{ address: "127.0.0.1:1", weight: 5 }, { address: "[::1]:2" }]
     connect_timeout: 1s
     idle_timeout: 60s
+    max_response_headers_bytes: 10000
     circuit_breakers: {}
     retry_budget: { ratio: 2.5, min_retries_per_second: 3, window: 5s }
     outlier_detection:
@@ -3198,6 +3220,7 @@ clusters:
     panic_threshold: 0
   - name: c2
     type: strict_dns
+    max_response_headers_bytes: 16384
     dns_refresh_rate: 10s
     lb_policy: ring_hash
     hash_on: {}

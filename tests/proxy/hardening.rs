@@ -766,3 +766,85 @@ async fn two_host_headers_are_a_400_and_absolute_form_wins_over_host() {
     assert_eq!(seen.headers["host"], "b.svc");
     assert_eq!(seen.uri, "/x");
 }
+
+/// An upstream that answers with `head` to any request on 127.0.0.1:0, then closes.
+async fn raw_upstream(head: &'static [u8]) -> u16 {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(head).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// The upstream's response head is bounded: over `max_response_headers_bytes` (default
+/// 60 KiB, as Envoy) is a 502 `upstream_response_headers_too_large`; a response that is not
+/// HTTP is a 502 `upstream_protocol_error` (not a 503: the upstream answered, wrongly).
+#[tokio::test]
+async fn upstream_response_heads_are_bounded_and_malformed_ones_are_502() {
+    let big: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+            "a".repeat(200 * 1024)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let medium: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nx-medium: {}\r\ncontent-length: 2\r\n\r\nok",
+            "a".repeat(20 * 1024)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let (big, medium, garbage) = (
+        raw_upstream(big).await,
+        raw_upstream(medium).await,
+        raw_upstream(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await,
+    );
+    let vhosts = "      - name: all\n        domains: [\"*\"]\n        routes:\n\
+                  \x20         - { match: { prefix: /big }, cluster: big }\n\
+                  \x20         - { match: { prefix: /medium-small-limit }, cluster: medium-small }\n\
+                  \x20         - { match: { prefix: /medium }, cluster: medium }\n\
+                  \x20         - { match: { prefix: /garbage }, cluster: garbage }";
+    let clusters = format!(
+        "{}{}{}{}",
+        cluster("big", &[(big, 1)], ""),
+        cluster("medium", &[(medium, 1)], ""),
+        cluster(
+            "medium-small",
+            &[(medium, 1)],
+            "    max_response_headers_bytes: 16384\n"
+        ),
+        cluster("garbage", &[(garbage, 1)], "")
+    );
+    let p = proxy(&config(vhosts, &clusters)).await;
+    let cl = client();
+    let r = get(&cl, p.addr, "svc", "/big", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-remora-error")),
+        (502, "upstream_response_headers_too_large")
+    );
+    let r = get(&cl, p.addr, "svc", "/medium", &[]).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
+    let r = get(&cl, p.addr, "svc", "/medium-small-limit", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-remora-error")),
+        (502, "upstream_response_headers_too_large")
+    );
+    let r = get(&cl, p.addr, "svc", "/garbage", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-remora-error")),
+        (502, "upstream_protocol_error"),
+        "{}",
+        r.body
+    );
+}
