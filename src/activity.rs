@@ -30,7 +30,7 @@ impl Activity {
         }
     }
 
-    fn touch(&self) {
+    pub fn touch(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         self.last_ms.store(now, Ordering::Relaxed);
     }

@@ -30,6 +30,9 @@ pub enum ProxyError {
     Timeout(Duration),
     #[error("no upstream response within the per-try timeout of {0:?}")]
     PerTryTimeout(Duration),
+    /// Nothing moved either way for the listener's `stream_idle_timeout`.
+    #[error("no progress on the stream for {0:?} (stream_idle_timeout)")]
+    StreamIdle(Duration),
     #[error("cluster `{cluster}`: circuit breaker `max_{}` reached", .resource.label())]
     Overflow {
         cluster: Arc<str>,
@@ -82,6 +85,7 @@ impl ProxyError {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
             }
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::StreamIdle(_) => (StatusCode::REQUEST_TIMEOUT, "stream_idle_timeout"),
             ProxyError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ProxyError::TooManyHeaders => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -151,7 +155,7 @@ impl ProxyError {
             403 => 7,        // PERMISSION_DENIED
             404 => 12,       // UNIMPLEMENTED
             429 => 8,        // RESOURCE_EXHAUSTED
-            504 => 4,        // DEADLINE_EXCEEDED
+            408 | 504 => 4,  // DEADLINE_EXCEEDED
             _ => 14,         // UNAVAILABLE (502, 503)
         };
         let mut resp = Response::new(body::empty());

@@ -21,6 +21,7 @@ pub mod reloader;
 pub mod retry;
 pub mod router;
 pub mod snapshot;
+pub mod stream_idle;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

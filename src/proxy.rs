@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::access_log::{self, AccessLog, Entry};
+use crate::activity::Activity;
 use crate::body::{self, Body, BoxError};
 use crate::cluster::balance::hash_bytes;
 use crate::cluster::breaker::{Permit, Resource};
@@ -29,6 +30,7 @@ use crate::path;
 use crate::retry::{Failure, Replay};
 use crate::router::{Action, Route};
 use crate::snapshot::{ListenerSettings, SnapshotStore};
+use crate::stream_idle;
 use crate::tunnel;
 use crate::upstream::{self, UpstreamError};
 
@@ -177,6 +179,15 @@ async fn proxy(
         let (body, progress) = body::watch(body::incoming(body));
         (body, Some(progress))
     };
+    // The stream idle timeout watches both bodies (a tunnel has its own idle timeout).
+    let idle = settings
+        .stream_idle_timeout
+        .filter(|_| !upgrade)
+        .map(|limit| (Arc::new(Activity::new()), limit));
+    let body = match &idle {
+        Some((activity, _)) => stream_idle::note_progress(body, activity.clone()),
+        None => body,
+    };
     let upstream_req = forward::upstream_request(
         parts,
         body,
@@ -208,7 +219,19 @@ async fn proxy(
             };
             upgrade_exchange(&target, route, upstream_req, client_io, tunnel, record).await?
         }
-        None => send_with_retries(&target, route, upstream_req, record).await?,
+        None => match idle {
+            None => send_with_retries(&target, route, upstream_req, record).await?,
+            Some((activity, limit)) => {
+                let resp = tokio::select! {
+                    biased;
+                    resp = send_with_retries(&target, route, upstream_req, record) => resp?,
+                    _ = stream_idle::expired(&activity, limit) => {
+                        return Err(ProxyError::StreamIdle(limit));
+                    }
+                };
+                resp.map(|b| stream_idle::bound(b, activity, limit))
+            }
+        },
     };
 
     // 5. Answer.

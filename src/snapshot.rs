@@ -32,6 +32,8 @@ pub struct ListenerSettings {
     pub request_headers_timeout: Option<Duration>,
     /// Default 300s; `None` disables.
     pub idle_timeout: Option<Duration>,
+    /// Default 300s; `None` disables.
+    pub stream_idle_timeout: Option<Duration>,
     /// Default 8192.
     pub max_connections: usize,
     /// Normalize paths before routing (RFC 3986 §6.2.2). Default false.

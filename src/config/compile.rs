@@ -26,6 +26,8 @@ pub const DEFAULT_MAX_REQUEST_HEADERS_BYTES: usize = 60 * 1024;
 pub const DEFAULT_MAX_REQUEST_HEADERS_COUNT: usize = 100;
 pub const DEFAULT_REQUEST_HEADERS_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Envoy's default `stream_idle_timeout`.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
 
 /// Where a config came from and which version it becomes.
@@ -105,6 +107,7 @@ fn listener(l: &RawListener, metrics: &Metrics) -> ListenerSettings {
             DEFAULT_REQUEST_HEADERS_TIMEOUT,
         ),
         idle_timeout: nonzero(l.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+        stream_idle_timeout: nonzero(l.stream_idle_timeout, DEFAULT_STREAM_IDLE_TIMEOUT),
         max_connections: l.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         normalize_path: l.normalize_path,
         merge_slashes: l.merge_slashes,

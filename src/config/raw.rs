@@ -145,6 +145,13 @@ pub struct RawListener {
     /// Default `300s`; `0` disables.
     #[serde(default)]
     pub idle_timeout: Option<Dur>,
+    /// A request whose bytes stop moving, both ways (request body, response headers and
+    /// body), for this long ends: 408 `stream_idle_timeout` before the response has started,
+    /// else the stream is reset (HTTP/2) or the connection closed (HTTP/1.1). As Envoy's
+    /// `stream_idle_timeout`. Default `300s`; `0` disables. WebSocket tunnels have
+    /// `idle_timeout` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<Dur>,
     /// Most open downstream connections; further ones are closed at accept. Default 8192.
     #[serde(default)]
     pub max_connections: Option<usize>,

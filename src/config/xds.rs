@@ -273,6 +273,8 @@ fn hcm_to(l: &RawListener, authorizes: bool, x: &mut Extras) -> hcm::HttpConnect
             ..Default::default()
         }),
         request_headers_timeout: Some(pb_dur(headers_timeout)),
+        // remora's default is Envoy's (5 minutes): written only when set.
+        stream_idle_timeout: l.stream_idle_timeout.map(pb_dur),
         max_request_headers_kb,
         normalize_path: l.normalize_path.then_some(pbuf::BoolValue { value: true }),
         merge_slashes: l.merge_slashes,
@@ -391,6 +393,7 @@ fn listener_from(
         max_request_headers_count: None,
         request_headers_timeout: None,
         idle_timeout: None,
+        stream_idle_timeout: None,
         max_connections: x.number("max_connections", at, e),
         normalize_path: false,
         merge_slashes: false,
@@ -536,6 +539,7 @@ fn hcm_from(
             _ => kb * 1024,
         }
     });
+    l.stream_idle_timeout = dur(h.stream_idle_timeout, at, "stream_idle_timeout", e);
     l.normalize_path = bool_set(h.normalize_path);
     l.merge_slashes = h.merge_slashes;
     l.access_log = access_log_from(&h.access_log, at, e);
@@ -597,7 +601,7 @@ fn hcm_from(
     // Accepted either way: strip_any_host_port / strip_matching_host_port (remora ignores
     // the port unless a domain names one; see the module docs). Ignored as cosmetic or
     // tuning: stat_prefix, server_name, tracing, HTTP/1 and HTTP/2 codec options,
-    // stream_idle_timeout, drain and delayed-close timeouts, request ID and XFF settings,
+    // drain and delayed-close timeouts, request ID and XFF settings,
     // forward_proto_config, proxy_100_continue, set_current_client_cert_details (remora
     // sends By, Hash and URI).
     inline
@@ -3144,6 +3148,7 @@ listeners:
     max_request_headers_count: 50
     request_headers_timeout: 250ms
     idle_timeout: 0
+    stream_idle_timeout: 30s
     max_connections: 100
     normalize_path: true
     merge_slashes: true

@@ -848,3 +848,67 @@ async fn upstream_response_heads_are_bounded_and_malformed_ones_are_502() {
         r.body
     );
 }
+
+/// An upstream that reads a request, writes `head` and then holds the connection open,
+/// silent, for 30 s (bounded).
+async fn stalling_upstream(head: &'static [u8]) -> u16 {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(head).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    port
+}
+
+/// `stream_idle_timeout`: a response body that stops after 3 of 100,000 bytes ends the
+/// client's connection once nothing moved for the limit, and the breaker slot comes back
+/// (with `max_requests: 1`, the next request is admitted); an upstream that never answers,
+/// with the route timeout off, is a 408 `stream_idle_timeout`.
+#[tokio::test]
+async fn a_stream_that_stops_moving_ends_after_stream_idle_timeout() {
+    let stalled = stalling_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nabc").await;
+    let silent = stalling_upstream(b"").await;
+    let vhosts = "      - name: all\n        domains: [\"*\"]\n        routes:\n\
+                  \x20         - { match: { prefix: /stalled }, cluster: stalled }\n\
+                  \x20         - { match: { prefix: /silent }, cluster: silent, timeout: 0 }";
+    let clusters = format!(
+        "{}    circuit_breakers: {{ max_requests: 1 }}\n{}",
+        cluster("stalled", &[(stalled, 1)], ""),
+        cluster("silent", &[(silent, 1)], "")
+    );
+    let p = proxy(&full_config(
+        "address: 127.0.0.1:0",
+        &[&main_listener(
+            ", stream_idle_timeout: 500ms, idle_timeout: 60s",
+        )],
+        vhosts,
+        &clusters,
+    ))
+    .await;
+    for round in 0..2 {
+        let started = Instant::now();
+        let answer = raw_exchange(p.addr, &raw_get("/stalled", b""), Duration::from_secs(10)).await;
+        assert_eq!(status_of(&answer), 200, "round {round}: {answer}");
+        assert!(answer.ends_with("\r\n\r\nabc"), "round {round}: {answer}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "round {round}: the stalled stream held the connection for {took:?}"
+        );
+    }
+    let started = Instant::now();
+    let answer = raw_exchange(p.addr, &raw_get("/silent", b""), Duration::from_secs(10)).await;
+    assert_eq!(status_of(&answer), 408, "{answer}");
+    assert!(
+        answer.contains("x-remora-error: stream_idle_timeout"),
+        "{answer}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
