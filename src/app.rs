@@ -132,6 +132,8 @@ impl App {
         let admin_wanted = snapshot.admin_address;
         let listener_settings = snapshot.listeners.clone();
         let store = Arc::new(SnapshotStore::new(snapshot));
+        // Parsing and compiling freed far more than the snapshot keeps.
+        crate::memory::release_freed_soon();
         let admin = Arc::new(AdminState {
             store: store.clone(),
             metrics: metrics.clone(),

@@ -109,10 +109,21 @@ pub(crate) struct Reloader {
     pub addresses: watch::Sender<HashMap<String, SocketAddr>>,
 }
 
+/// Releases freed memory when dropped (after each command, also on early returns).
+struct TrimAfter;
+
+impl Drop for TrimAfter {
+    fn drop(&mut self) {
+        crate::memory::release_freed_soon();
+    }
+}
+
 impl Reloader {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         self.publish_addresses();
         while let Some(cmd) = commands.recv().await {
+            // Whatever the command, the memory its load freed goes back to the OS after it.
+            let _trim = TrimAfter;
             match cmd {
                 Command::Reload {
                     trigger,
