@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::admin::{self, AdminState};
-use crate::cluster::balance::hash_bytes;
 use crate::config::compile::{compile, Origin};
 use crate::config::RawConfig;
 use crate::listener;
@@ -53,19 +52,6 @@ pub struct App {
     source: ConfigSource,
     control: mpsc::Sender<Command>,
     addresses: watch::Receiver<HashMap<String, SocketAddr>>,
-}
-
-/// Hex hash of config text, shown in `/config` and used to skip reloads that change nothing.
-pub fn config_hash(text: &str) -> String {
-    format!("{:016x}", hash_bytes(text.as_bytes()))
-}
-
-/// The hash of config text and of the TLS files it names (`files`, a digest; 0 for none).
-pub fn config_hash_with_files(text: &str, files: u64) -> String {
-    if files == 0 {
-        return config_hash(text);
-    }
-    format!("{:016x}{files:016x}", hash_bytes(text.as_bytes()))
 }
 
 /// How often the TLS files of the config in force are looked at for a rotation.
@@ -117,7 +103,7 @@ impl App {
         let origin = Origin {
             version: 1,
             source: source.name(),
-            hash: config_hash_with_files(text, raw.tls_files_digest()),
+            hash: crate::config::hash_with_files(text, raw.tls_files_digest()),
         };
         let xds = raw.xds.clone().map(|x| (x, raw.clone()));
         let snapshot = compile(raw, origin, &metrics, None);

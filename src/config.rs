@@ -380,3 +380,19 @@ mod tests {
         assert!(errs[0].to_string().starts_with("bad.yaml:"));
     }
 }
+
+/// Hex hash of config text, shown in `/config` and used to skip reloads that change nothing.
+pub fn hash(text: &str) -> String {
+    format!("{:016x}", crate::hash::hash_bytes(text.as_bytes()))
+}
+
+/// The hash of config text and of the TLS files it names (`files`, a digest; 0 for none).
+pub fn hash_with_files(text: &str, files: u64) -> String {
+    if files == 0 {
+        return hash(text);
+    }
+    format!(
+        "{:016x}{files:016x}",
+        crate::hash::hash_bytes(text.as_bytes())
+    )
+}

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod discovery;
 pub mod error;
 pub mod forward;
+pub mod hash;
 pub mod listener;
 pub mod memory;
 pub mod metrics;

@@ -185,8 +185,8 @@ impl Reloader {
         // The TLS files the running config names count too: a rotated certificate is a change.
         let files = current.raw.tls_files_digest();
         let hash = match &dynamic {
-            None => crate::app::config_hash_with_files(&text, files),
-            Some(d) => crate::app::config_hash_with_files(&format!("{text}\n# xds\n{d:?}"), files),
+            None => crate::config::hash_with_files(&text, files),
+            Some(d) => crate::config::hash_with_files(&format!("{text}\n# xds\n{d:?}"), files),
         };
         if hash == current.hash {
             tracing::debug!(source = trigger.label(), "config unchanged; not reloading");

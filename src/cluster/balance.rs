@@ -1,6 +1,7 @@
 //! Load-balancing algorithms over a weighted endpoint list, precomputed at build time so a
 //! pick costs an atomic add or a binary search and takes no lock.
 
+use crate::hash::{fnv, mix, FNV_OFFSET};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Longest precomputed round-robin cycle; larger weight sums are scaled down to fit.
@@ -143,31 +144,6 @@ impl Ring {
     }
 }
 
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn fnv(mut h: u64, data: &[u8]) -> u64 {
-    for b in data {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// murmur3's 64-bit finaliser.
-fn mix(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
-
-/// FNV-1a, finished with murmur3's 64-bit mixer for an even spread. Stable across runs and
-/// builds, unlike std's randomly seeded hasher.
-pub fn hash_bytes(data: &[u8]) -> u64 {
-    mix(fnv(FNV_OFFSET, data))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,7 +189,7 @@ mod tests {
         let after = Ring::new(&more, &[1; 5]).unwrap();
         let keys = 10_000u64;
         let moved = (0..keys)
-            .map(|k| hash_bytes(&k.to_le_bytes()))
+            .map(|k| crate::hash::hash_bytes(&k.to_le_bytes()))
             .filter(|h| {
                 let (a, b) = (before.pick(*h), after.pick(*h));
                 a != b

@@ -772,7 +772,7 @@ pub fn files_digest<'a>(paths: impl Iterator<Item = &'a str>) -> u64 {
     if all.is_empty() {
         return 0;
     }
-    crate::cluster::balance::hash_bytes(&all)
+    crate::hash::hash_bytes(&all)
 }
 
 impl RawConfig {

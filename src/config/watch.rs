@@ -84,7 +84,7 @@ fn changed(path: &Path, last: &mut Option<String>) -> bool {
 fn content_hash(path: &Path) -> Option<String> {
     std::fs::read_to_string(path)
         .ok()
-        .map(|t| crate::app::config_hash(&t))
+        .map(|t| crate::config::hash(&t))
 }
 
 /// Watches the file's directory, and the directory of the file it links to, if any. Only
