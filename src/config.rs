@@ -340,6 +340,22 @@ fn edit_distance(a: &str, b: &str) -> usize {
     d[a.len()][b.len()]
 }
 
+/// Hex hash of config text, shown in `/config` and used to skip reloads that change nothing.
+pub fn hash(text: &str) -> String {
+    format!("{:016x}", crate::hash::hash_bytes(text.as_bytes()))
+}
+
+/// The hash of config text and of the TLS files it names (`files`, a digest; 0 for none).
+pub fn hash_with_files(text: &str, files: u64) -> String {
+    if files == 0 {
+        return hash(text);
+    }
+    format!(
+        "{:016x}{files:016x}",
+        crate::hash::hash_bytes(text.as_bytes())
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,20 +395,4 @@ mod tests {
         assert!(errs[0].pos.is_some(), "{}", errs[0]);
         assert!(errs[0].to_string().starts_with("bad.yaml:"));
     }
-}
-
-/// Hex hash of config text, shown in `/config` and used to skip reloads that change nothing.
-pub fn hash(text: &str) -> String {
-    format!("{:016x}", crate::hash::hash_bytes(text.as_bytes()))
-}
-
-/// The hash of config text and of the TLS files it names (`files`, a digest; 0 for none).
-pub fn hash_with_files(text: &str, files: u64) -> String {
-    if files == 0 {
-        return hash(text);
-    }
-    format!(
-        "{:016x}{files:016x}",
-        crate::hash::hash_bytes(text.as_bytes())
-    )
 }
