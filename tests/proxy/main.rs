@@ -8,6 +8,7 @@ mod envoy;
 mod forwarding;
 mod grpc;
 mod hardening;
+mod hostile;
 mod limits;
 mod reload;
 mod resilience;
