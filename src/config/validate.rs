@@ -78,7 +78,7 @@ pub enum TlsFiles {
 pub fn validate(raw: &RawConfig, dynamic_from: usize, files: TlsFiles) -> Vec<Problem> {
     let mut out = Problems::default();
     if let Some(admin) = &raw.admin {
-        if admin.address.parse::<SocketAddr>().is_err() {
+        if socket_addr(&admin.address).is_none() {
             out.add(p!["admin", "address"], bad_socket(&admin.address));
         }
     }
@@ -165,6 +165,38 @@ pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     }
 }
 
+/// An `ip:port` address whose port is written plainly (`8080`, not `08080`: the same socket,
+/// but a second spelling of it that other parsers may read differently).
+fn socket_addr(address: &str) -> Option<SocketAddr> {
+    let (_, port) = address.rsplit_once(':')?;
+    if !canonical_port(port) {
+        return None;
+    }
+    address.parse().ok()
+}
+
+/// A port in plain decimal: digits, no leading zero (but `0` itself), at most 65535.
+fn canonical_port(port: &str) -> bool {
+    port.parse::<u16>().is_ok_and(|p| p.to_string() == port)
+}
+
+/// A host `strict_dns` can resolve: a DNS name (letters, digits, `-`, `_`, dots between
+/// non-empty labels), an IPv4 address, or an IPv6 one in brackets.
+fn is_dns_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 fn bad_socket(addr: &str) -> String {
     format!("`{addr}` is not an `ip:port` address (e.g. `127.0.0.1:8080` or `[::1]:8080`)")
 }
@@ -212,9 +244,9 @@ fn check_listeners(
         .into_iter()
         .collect();
     for (i, l) in raw.listeners.iter().enumerate() {
-        match l.address.parse::<SocketAddr>() {
-            Err(_) => out.add(p!["listeners", i, "address"], bad_socket(&l.address)),
-            Ok(addr) => {
+        match socket_addr(&l.address) {
+            None => out.add(p!["listeners", i, "address"], bad_socket(&l.address)),
+            Some(addr) => {
                 if let Some((other, owner)) = bound.iter().find(|(b, _)| overlaps(*b, addr)) {
                     out.add(
                         p!["listeners", i, "address"],
@@ -769,16 +801,16 @@ fn check_cluster(out: &mut Problems, i: usize, c: &RawCluster, files: TlsFiles) 
         let at = p!["clusters", i, "endpoints", e, "address"];
         match c.discovery {
             DiscoveryType::Static | DiscoveryType::Eds => {
-                if ep.address.parse::<SocketAddr>().is_err() {
+                if socket_addr(&ep.address).is_none() {
                     out.add(at.clone(), bad_socket(&ep.address));
                 }
             }
             DiscoveryType::StrictDns => {
-                let port_ok = ep
+                let ok = ep
                     .address
                     .rsplit_once(':')
-                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-                if !port_ok {
+                    .is_some_and(|(host, port)| is_dns_host(host) && canonical_port(port));
+                if !ok {
                     out.add(
                         at.clone(),
                         format!("`{}` is not a `host:port` address", ep.address),

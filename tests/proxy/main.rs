@@ -10,6 +10,7 @@ mod grpc;
 mod hardening;
 mod hostile;
 mod limits;
+mod properties;
 mod reload;
 mod resilience;
 mod routing;
