@@ -79,6 +79,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !present.contains(&true) {
         return;
     }
+    // A message framed by Transfer-Encoding: its Content-Length is not the body's length and
+    // must not pass on (RFC 9112 §6.3 (3)); the next hop frames the body itself.
+    let chunked = HOP_BY_HOP
+        .iter()
+        .zip(present)
+        .any(|(name, p)| p && *name == "transfer-encoding");
+    if chunked {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())

@@ -9,6 +9,7 @@ mod forwarding;
 mod grpc;
 mod hardening;
 mod hostile;
+mod hostile_peers;
 mod limits;
 mod properties;
 mod reload;

@@ -342,5 +342,8 @@ fn addresses_the_properties_found_are_refused() {
     ] {
         assert!(text.contains(want), "missing `{want}` in:\n{text}");
     }
-    assert!(!text.contains("clusters[2]"), "a good strict_dns cluster refused:\n{text}");
+    assert!(
+        !text.contains("clusters[2]"),
+        "a good strict_dns cluster refused:\n{text}"
+    );
 }
