@@ -3,8 +3,12 @@
 //! config needs, and without this the peak stays resident (and grows with every reload, as
 //! each load lands in other arenas).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 /// Returns free heap pages to the OS (glibc `malloc_trim`); a no-op on other allocators.
-/// Takes a few milliseconds on a large heap: call it off the request path, after a load.
+/// Takes milliseconds on a large heap, holding each arena's lock meanwhile: call it off the
+/// request path, after a load, and not often.
 #[allow(unsafe_code)]
 pub fn release_freed() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -14,7 +18,20 @@ pub fn release_freed() {
     }
 }
 
-/// Trims on a blocking thread, so the caller's runtime thread is not held up.
+static PENDING: AtomicBool = AtomicBool::new(false);
+
+/// How long a trim waits, so that a burst of loads (xDS pushes several types in a row) is
+/// followed by one trim.
+const COALESCE: Duration = Duration::from_secs(1);
+
+/// Trims once, on a blocking thread, shortly after the latest of a burst of calls.
 pub fn release_freed_soon() {
-    tokio::task::spawn_blocking(release_freed);
+    if PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async {
+        tokio::time::sleep(COALESCE).await;
+        PENDING.store(false, Ordering::Release);
+        let _ = tokio::task::spawn_blocking(release_freed).await;
+    });
 }

@@ -109,11 +109,10 @@ pub(crate) struct Reloader {
     pub addresses: watch::Sender<HashMap<String, SocketAddr>>,
 }
 
-/// Releases freed memory when dropped (after each command, also on early returns).
-struct TrimAfter;
-
-impl Drop for TrimAfter {
-    fn drop(&mut self) {
+/// After a load that took effect, the memory it freed goes back to the OS (the old snapshot
+/// and the parse are gone by then, or soon after).
+fn trim_after(outcome: &Outcome) {
+    if matches!(outcome, Outcome::Applied { .. }) {
         crate::memory::release_freed_soon();
     }
 }
@@ -122,8 +121,6 @@ impl Reloader {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         self.publish_addresses();
         while let Some(cmd) = commands.recv().await {
-            // Whatever the command, the memory its load freed goes back to the OS after it.
-            let _trim = TrimAfter;
             match cmd {
                 Command::Reload {
                     trigger,
@@ -131,16 +128,19 @@ impl Reloader {
                     reply,
                 } => {
                     let outcome = self.reload(trigger, text, None).await;
+                    trim_after(&outcome);
                     let _ = reply.send(outcome);
                 }
                 Command::RefreshTls { reply } => {
                     let text = Some(self.static_text.clone());
                     let outcome = self.reload(Trigger::File, text, None).await;
+                    trim_after(&outcome);
                     let _ = reply.send(outcome);
                 }
                 Command::Dynamic { dynamic, reply } => {
                     let text = Some(self.static_text.clone());
                     let outcome = self.reload(Trigger::Xds, text, Some(dynamic)).await;
+                    trim_after(&outcome);
                     let _ = reply.send(outcome);
                 }
                 Command::Shutdown { timeout, reply } => {

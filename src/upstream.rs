@@ -99,9 +99,13 @@ impl UpstreamError {
         matches!(self, UpstreamError::Reset { source, .. } if source.is_parse_too_large())
     }
 
-    /// True when the endpoint answered something that is not an HTTP response.
+    /// True when the endpoint answered something that is not an HTTP response (over HTTP/2:
+    /// a response h2 itself refused, e.g. headers over the limit).
     pub fn is_malformed_response(&self) -> bool {
         matches!(self, UpstreamError::Reset { source, .. } if source.is_parse())
+            || self.h2_error().is_some_and(|h2| {
+                h2.is_library() && h2.reason() == Some(h2::Reason::PROTOCOL_ERROR)
+            })
     }
 
     /// True when a connection closed before any byte of the response came back, which is

@@ -184,8 +184,13 @@ fn canonical_port(port: &str) -> bool {
 /// non-empty labels), an IPv4 address, or an IPv6 one in brackets.
 fn is_dns_host(host: &str) -> bool {
     if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+        // A zone id (`fe80::1%2`) is allowed, as for static endpoints.
+        return format!("[{v6}]:0")
+            .parse::<std::net::SocketAddrV6>()
+            .is_ok();
     }
+    // A fully qualified name may end in a dot.
+    let host = host.strip_suffix('.').unwrap_or(host);
     !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {

@@ -2137,11 +2137,13 @@ fn cluster_from(
             "idle_timeout",
             &x,
         ),
+        // Envoy allows 1 to 8192 KiB, remora 8 KiB to 1 MiB: an Envoy value outside that is
+        // brought to the nearest bound rather than refused.
         max_response_headers_bytes: options.max_response_headers_kb.map(|kb| {
             let kb = kb as usize;
             match x.number::<usize>("max_response_headers_bytes", at, e) {
                 Some(exact) if exact.div_ceil(1024) == kb => exact,
-                _ => kb * 1024,
+                _ => (kb * 1024).clamp(8192, 1 << 20),
             }
         }),
         dns_refresh_rate,

@@ -912,3 +912,42 @@ async fn a_stream_that_stops_moving_ends_after_stream_idle_timeout() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Over HTTP/2 too: an h2c upstream whose response headers exceed the cluster's limit is a
+/// 502 (h2 resets the stream itself with PROTOCOL_ERROR; that is not the upstream resetting).
+#[tokio::test]
+async fn an_http2_response_head_over_the_limit_is_a_502() {
+    let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                    resp.headers_mut().insert(
+                        "x-big",
+                        HeaderValue::from_str(&"a".repeat(70 * 1024)).unwrap(),
+                    );
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let vhosts =
+        "      - { name: all, domains: [\"*\"], routes: [{ match: { prefix: / }, cluster: big }] }";
+    let p = proxy(&config(
+        vhosts,
+        &cluster("big", &[(port, 1)], "    protocol: http2\n"),
+    ))
+    .await;
+    let r = get(&client(), p.addr, "svc", "/", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-remora-error")),
+        (502, "upstream_protocol_error"),
+        "{}",
+        r.body
+    );
+}

@@ -331,7 +331,7 @@ fn addresses_the_properties_found_are_refused() {
                 clusters:\n\
                 \x20 - { name: a, endpoints: [{ address: \"127.0.0.1:0088\" }] }\n\
                 \x20 - { name: b, type: strict_dns, endpoints: [{ address: \"localho:st:8080\" }] }\n\
-                \x20 - { name: c, type: strict_dns, endpoints: [{ address: \"api.internal:8080\" }, { address: \"[::1]:80\" }] }\n";
+                \x20 - { name: c, type: strict_dns, endpoints: [{ address: \"api.internal:8080\" }, { address: \"[::1]:80\" }, { address: \"api.internal.:8080\" }, { address: \"[fe80::1%2]:80\" }] }\n";
     let text = remora::config::parse(yaml, "found.yaml")
         .expect_err("non-canonical addresses")
         .to_string();
