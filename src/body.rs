@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+
+use crate::activity::Activity;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 
@@ -58,12 +60,14 @@ impl Progress {
     }
 }
 
-/// Wraps a body so that its [`Progress`] can be read while others read the body.
-pub fn watch(body: Body) -> (Body, Arc<Progress>) {
+/// Wraps a body so that its [`Progress`] can be read while others read the body; each frame
+/// read also counts as progress on `activity`, when given (the stream idle timeout's).
+pub fn watch(body: Body, activity: Option<Arc<Activity>>) -> (Body, Arc<Progress>) {
     let progress = Arc::new(Progress::default());
     let watched = Watched {
         inner: body,
         progress: progress.clone(),
+        activity,
     };
     (watched.boxed_unsync(), progress)
 }
@@ -72,6 +76,7 @@ pub fn watch(body: Body) -> (Body, Arc<Progress>) {
 struct Watched {
     inner: Body,
     progress: Arc<Progress>,
+    activity: Option<Arc<Activity>>,
 }
 
 impl HttpBody for Watched {
@@ -86,6 +91,9 @@ impl HttpBody for Watched {
         self.progress
             .waiting
             .store(polled.is_pending(), Ordering::Release);
+        if let (Poll::Ready(Some(Ok(_))), Some(activity)) = (&polled, &self.activity) {
+            activity.touch();
+        }
         let flag = match &polled {
             Poll::Ready(None) => Some(&self.progress.ended),
             // Readers stop polling once a body says it has ended.

@@ -173,20 +173,17 @@ async fn proxy(
     };
     // A body the client may abandon or stall halfway is watched, so that neither is blamed on
     // the upstream.
-    let (body, upload) = if body.is_end_stream() {
-        (body::incoming(body), None)
-    } else {
-        let (body, progress) = body::watch(body::incoming(body));
-        (body, Some(progress))
-    };
     // The stream idle timeout watches both bodies (a tunnel has its own idle timeout).
     let idle = settings
         .stream_idle_timeout
         .filter(|_| !upgrade)
         .map(|limit| (Arc::new(Activity::new()), limit));
-    let body = match &idle {
-        Some((activity, _)) => stream_idle::note_progress(body, activity.clone()),
-        None => body,
+    let (body, upload) = if body.is_end_stream() {
+        (body::incoming(body), None)
+    } else {
+        let activity = idle.as_ref().map(|(activity, _)| activity.clone());
+        let (body, progress) = body::watch(body::incoming(body), activity);
+        (body, Some(progress))
     };
     let upstream_req = forward::upstream_request(
         parts,

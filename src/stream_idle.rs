@@ -20,15 +20,6 @@ use crate::body::{Body, BoxError};
 #[error("no progress on the stream for {0:?} (stream_idle_timeout)")]
 pub struct StreamIdle(pub Duration);
 
-/// Wraps a body so that every frame it yields counts as progress on `activity`.
-pub fn note_progress(body: Body, activity: Arc<Activity>) -> Body {
-    Noted {
-        inner: body,
-        activity,
-    }
-    .boxed_unsync()
-}
-
 /// Resolves once `activity` has seen no progress for `limit`.
 pub async fn expired(activity: &Activity, limit: Duration) {
     loop {
@@ -50,35 +41,6 @@ pub fn bound(body: Body, activity: Arc<Activity>, limit: Duration) -> Body {
         limit,
     }
     .boxed_unsync()
-}
-
-struct Noted {
-    inner: Body,
-    activity: Arc<Activity>,
-}
-
-impl HttpBody for Noted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 struct Bounded {

@@ -401,7 +401,7 @@ fn watch_request_end(req: Request<Body>) -> (Request<Body>, Option<Arc<body::Pro
         return (req, None);
     }
     let (parts, b) = req.into_parts();
-    let (b, progress) = body::watch(b);
+    let (b, progress) = body::watch(b, None);
     (Request::from_parts(parts, b), Some(progress))
 }
 

@@ -164,7 +164,6 @@ fn corpus() -> Vec<Probe> {
 /// from both (which upstream, or the local status). Then an edit reaches Envoy.
 #[tokio::test]
 async fn envoy_and_remora_answer_alike_under_remora_control_plane() {
-    let envoy = envoy_binary();
     let (a, b, c) = (
         Upstream::start("a").await,
         Upstream::start("b").await,
@@ -191,35 +190,9 @@ async fn envoy_and_remora_answer_alike_under_remora_control_plane() {
     let envoy_admin = free_address();
     let bootstrap = dir.join("envoy-bootstrap.yml");
     std::fs::write(&bootstrap, envoy_bootstrap(cp.address, envoy_admin)).unwrap();
-    let mut envoy_proc = std::process::Command::new(&envoy)
-        .arg("-c")
-        .arg(&bootstrap)
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--use-dynamic-base-id",
-            "-l",
-            "error",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start envoy");
+    let mut envoy_proc = start_envoy(&bootstrap);
 
-    let sidecar_yaml = format!(
-        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: remora-oracle, cluster: remora }}\n\
-         xds: {{ address: \"{}\" }}\n",
-        cp.address
-    );
-    let raw = remora::config::parse(&sidecar_yaml, "sidecar.yaml").unwrap();
-    let app = remora::app::App::start(
-        raw,
-        remora::app::ConfigSource::Inline("sidecar.yaml".into()),
-        &sidecar_yaml,
-    )
-    .await
-    .unwrap();
+    let app = xds_sidecar(cp.address, "remora").await;
     wait_ready(app.admin_address).await;
 
     let cl = client();
@@ -429,19 +402,7 @@ async fn envoy_and_remora_speak_mtls_to_each_other_under_remora_control_plane() 
     let bootstrap = dir.join("envoy-bootstrap.yml");
     std::fs::write(&bootstrap, envoy_bootstrap(cp.address, free_address())).unwrap();
     let mut envoy_proc = start_envoy(&bootstrap);
-    let sidecar_yaml = format!(
-        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: remora-mesh, cluster: remora }}\n\
-         xds: {{ address: \"{}\" }}\n",
-        cp.address
-    );
-    let raw = remora::config::parse(&sidecar_yaml, "sidecar.yaml").unwrap();
-    let app = remora::app::App::start(
-        raw,
-        remora::app::ConfigSource::Inline("sidecar.yaml".into()),
-        &sidecar_yaml,
-    )
-    .await
-    .unwrap();
+    let app = xds_sidecar(cp.address, "remora").await;
     wait_ready(app.admin_address).await;
 
     let cl = client();

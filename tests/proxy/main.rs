@@ -12,6 +12,7 @@ mod hostile;
 mod hostile_peers;
 mod limits;
 mod properties;
+mod raw_http;
 mod reload;
 mod resilience;
 mod routing;

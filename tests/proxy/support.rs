@@ -404,3 +404,20 @@ pub fn envoy_binary() -> std::path::PathBuf {
     }
     envoy
 }
+
+/// A sidecar whose only config is the control plane's address, in node cluster
+/// `node_cluster` (which of the control plane's files it is served).
+pub async fn xds_sidecar(control_plane: SocketAddr, node_cluster: &str) -> remora::app::App {
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: test-{node_cluster}, cluster: {node_cluster} }}\n\
+         xds: {{ address: \"{control_plane}\", initial_fetch_timeout: 10s }}\n"
+    );
+    let raw = remora::config::parse(&yaml, "sidecar.yaml").unwrap_or_else(|e| panic!("{e}"));
+    remora::app::App::start(
+        raw,
+        remora::app::ConfigSource::Inline("sidecar.yaml".into()),
+        &yaml,
+    )
+    .await
+    .unwrap()
+}

@@ -21,18 +21,6 @@ fn served(listen: SocketAddr, target: &str, a: u16, b: u16) -> String {
     )
 }
 
-/// A sidecar whose only config is the control plane's address.
-async fn sidecar(control_plane: SocketAddr) -> App {
-    let yaml = format!(
-        "admin: {{ address: 127.0.0.1:0 }}\nnode: {{ id: test-sidecar, cluster: shop }}\n\
-         xds: {{ address: \"{control_plane}\", initial_fetch_timeout: 10s }}\n"
-    );
-    let raw = remora::config::parse(&yaml, "sidecar.yaml").unwrap_or_else(|e| panic!("{e}"));
-    App::start(raw, ConfigSource::Inline("sidecar.yaml".into()), &yaml)
-        .await
-        .unwrap()
-}
-
 /// Polls `addr` until a GET answers with `want` from the upstream (up to `limit`).
 async fn until_served_by(addr: SocketAddr, want: &str, limit: Duration) {
     let cl = client();
@@ -77,7 +65,7 @@ impl Followed {
         let cp = remora::control_plane::start(&path, "127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
-        let app = sidecar(cp.address).await;
+        let app = xds_sidecar(cp.address, "shop").await;
         wait_ready(app.admin_address).await;
         until_served_by(listen, first, Duration::from_secs(5)).await;
         Followed {
@@ -152,7 +140,7 @@ async fn a_sidecar_outlives_its_control_plane_and_reconnects() {
             .unwrap()
     };
     let mut cp = start_cp();
-    let app = sidecar(cp_address).await;
+    let app = xds_sidecar(cp_address, "shop").await;
     wait_ready(app.admin_address).await;
     until_served_by(listen, "a", Duration::from_secs(5)).await;
 
@@ -204,7 +192,7 @@ async fn an_unsupported_resource_is_nacked_and_traffic_is_unchanged() {
         socket,
         AdsServer::new(cache.clone(), group),
     ));
-    let app = sidecar(cp_address).await;
+    let app = xds_sidecar(cp_address, "shop").await;
     wait_ready(app.admin_address).await;
     until_served_by(listen, "a", Duration::from_secs(5)).await;
 
@@ -762,7 +750,7 @@ async fn duplicate_names_in_a_response_are_nacked() {
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(socket)),
     );
-    let app = sidecar(cp_address).await;
+    let app = xds_sidecar(cp_address, "shop").await;
     let started = Instant::now();
     while nacks.lock().unwrap().is_empty() {
         assert!(started.elapsed() < Duration::from_secs(5), "no NACK");
