@@ -124,68 +124,16 @@ fn parse_checked(
             did_you_mean,
         }
     };
-    let mut value: Value = match serde_yaml_ng::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            let pos = e.location().map(|l| Pos {
-                line: l.line(),
-                column: l.column(),
-            });
-            return Err(ConfigErrors(vec![at(
-                pos,
-                &[],
-                format!("invalid YAML: {e}"),
-                None,
-            )]));
+    // The common case first: the text straight into the schema, with no YAML tree, no
+    // copy of it and no source map (for a big mesh they cost several times the config).
+    // Only a config with problems pays for locating them.
+    let (mut raw, mut source) = match serde_yaml_ng::from_str::<RawConfig>(text) {
+        Ok(raw) => (raw, None),
+        Err(_) => {
+            let (raw, source) = schema_via_tree(text, &at, files)?;
+            (raw, Some(source))
         }
     };
-    if value.is_null() {
-        value = Value::Mapping(Default::default());
-    }
-    let source = SourceMap::parse(text);
-    let mut errors = Vec::new();
-
-    // Schema: serde stops at the first error, so report it, cut the offending field out of
-    // the tree and try again, until the tree deserializes or the error cannot be cut out.
-    let mut raw = None;
-    for _ in 0..200 {
-        match serde_path_to_error::deserialize::<_, RawConfig>(value.clone()) {
-            Ok(r) => {
-                raw = Some(r);
-                break;
-            }
-            Err(e) => {
-                let mut path = segments(e.path());
-                let message = e.inner().to_string();
-                let (message, hint, about_key) = explain(&message, &mut path);
-                let pos = if about_key {
-                    source.locate_key(&path)
-                } else {
-                    source.locate(&path)
-                };
-                errors.push(at(pos, &path, message, hint));
-                if !remove_at(&mut value, &path) {
-                    break;
-                }
-            }
-        }
-    }
-    let Some(raw) = raw else {
-        return Err(ConfigErrors(errors));
-    };
-    if !errors.is_empty() {
-        // The schema errors were all in cut-out fields; the rest is still worth checking.
-        for p in validate::validate(&raw, raw.route_configs.len(), files) {
-            errors.push(at(
-                source.locate(&p.path),
-                &p.path,
-                p.message,
-                p.did_you_mean,
-            ));
-        }
-        return Err(ConfigErrors(errors));
-    }
-    let mut raw = raw;
     let statics = [
         raw.listeners.len(),
         raw.route_configs.len(),
@@ -231,10 +179,115 @@ fn parse_checked(
                     message: format!("{resource}: {}", p.message),
                     did_you_mean: p.did_you_mean,
                 },
-                None => at(source.locate(&p.path), &p.path, p.message, p.did_you_mean),
+                None => {
+                    let source = source.get_or_insert_with(|| SourceMap::parse(text));
+                    at(source.locate(&p.path), &p.path, p.message, p.did_you_mean)
+                }
             })
             .collect(),
     ))
+}
+
+/// The schema check that reports every problem with its place: the text as a YAML tree,
+/// deserialized again and again with each offending field cut out. Returns the config and
+/// the source map once the tree deserializes with no error cut out.
+fn schema_via_tree(
+    text: &str,
+    at: &dyn Fn(Option<Pos>, &[Seg], String, Option<String>) -> ConfigError,
+    files: validate::TlsFiles,
+) -> Result<(RawConfig, SourceMap), ConfigErrors> {
+    let mut value: Value = match serde_yaml_ng::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let pos = e.location().map(|l| Pos {
+                line: l.line(),
+                column: l.column(),
+            });
+            return Err(ConfigErrors(vec![at(
+                pos,
+                &[],
+                format!("invalid YAML: {e}"),
+                None,
+            )]));
+        }
+    };
+    if value.is_null() {
+        value = Value::Mapping(Default::default());
+    }
+    let source = SourceMap::parse(text);
+    let mut errors = Vec::new();
+
+    // Schema: serde stops at the first error, so report it, cut the offending field out of
+    // the tree and try again, until the tree deserializes or the error cannot be cut out.
+    let mut raw = None;
+    for _ in 0..200 {
+        match serde_path_to_error::deserialize::<_, RawConfig>(value.clone()) {
+            Ok(r) => {
+                raw = Some(r);
+                break;
+            }
+            Err(e) => {
+                let mut path = segments(e.path());
+                let message = e.inner().to_string();
+                // The direct path reads a plain number or boolean where a string goes as
+                // its text (a name `1`); so does this one.
+                if message.ends_with("expected a string") && stringify_at(&mut value, &path) {
+                    continue;
+                }
+                let (message, hint, about_key) = explain(&message, &mut path);
+                let pos = if about_key {
+                    source.locate_key(&path)
+                } else {
+                    source.locate(&path)
+                };
+                errors.push(at(pos, &path, message, hint));
+                if !remove_at(&mut value, &path) {
+                    break;
+                }
+            }
+        }
+    }
+    let Some(raw) = raw else {
+        return Err(ConfigErrors(errors));
+    };
+    if !errors.is_empty() {
+        // The schema errors were all in cut-out fields; the rest is still worth checking.
+        for p in validate::validate(&raw, raw.route_configs.len(), files) {
+            errors.push(at(
+                source.locate(&p.path),
+                &p.path,
+                p.message,
+                p.did_you_mean,
+            ));
+        }
+        return Err(ConfigErrors(errors));
+    }
+    Ok((raw, source))
+}
+
+/// Whether the direct path accepts only what the tree path accepts, and reads it the same:
+/// `Err` names the difference. For the property test over mutated configs.
+#[doc(hidden)]
+pub fn direct_and_tree_agree(text: &str) -> Result<(), String> {
+    let Ok(direct) = serde_yaml_ng::from_str::<RawConfig>(text) else {
+        return Ok(()); // the tree path decides alone
+    };
+    let at = |pos: Option<Pos>, path: &[Seg], message: String, did_you_mean: Option<String>| {
+        ConfigError {
+            file: "<tree>".into(),
+            pos,
+            path: render_path(path),
+            message,
+            did_you_mean,
+        }
+    };
+    match schema_via_tree(text, &at, validate::TlsFiles::NameOnly) {
+        Ok((tree, _)) if tree == direct => Ok(()),
+        Ok(_) => Err("the two paths read the config differently".into()),
+        Err(e) => Err(format!(
+            "the direct path accepted what the tree refuses: {e}"
+        )),
+    }
 }
 
 fn segments(path: &serde_path_to_error::Path) -> Vec<Seg> {
@@ -280,22 +333,39 @@ fn explain(message: &str, path: &mut Vec<Seg>) -> (String, Option<String>, bool)
     (message.to_string(), None, false)
 }
 
+/// The node at `path`, if there is one.
+fn node_at<'v>(mut node: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
+    for seg in path {
+        node = match seg {
+            Seg::Key(k) => node.get_mut(k.as_str())?,
+            Seg::Index(i) => node.get_mut(*i)?,
+        };
+    }
+    Some(node)
+}
+
+/// Replaces a number or boolean at `path` with its text; false when there is none.
+fn stringify_at(value: &mut Value, path: &[Seg]) -> bool {
+    let Some(node) = node_at(value, path) else {
+        return false;
+    };
+    let text = match node {
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => return false,
+    };
+    *node = Value::String(text);
+    true
+}
+
 /// Removes the value at `path` from a mapping; false when that is not possible.
 fn remove_at(value: &mut Value, path: &[Seg]) -> bool {
     let Some((last, parents)) = path.split_last() else {
         return false;
     };
-    let mut node = value;
-    for seg in parents {
-        let next = match seg {
-            Seg::Key(k) => node.get_mut(k.as_str()),
-            Seg::Index(i) => node.get_mut(*i),
-        };
-        match next {
-            Some(n) => node = n,
-            None => return false,
-        }
-    }
+    let Some(node) = node_at(value, parents) else {
+        return false;
+    };
     match (last, node) {
         (Seg::Key(k), Value::Mapping(m)) => m.remove(k.as_str()).is_some(),
         _ => false,
@@ -384,6 +454,35 @@ mod tests {
             shown[1],
             "t.yaml:6:5: listeners[0].protocl: unknown field `protocl` (did you mean `protocol`?)"
         );
+    }
+
+    /// YAML's corners, where reading text straight into the schema could differ from
+    /// reading a tree: numbers where strings go and back, duplicate keys, anchors, merge
+    /// keys, tags, nulls.
+    #[test]
+    fn the_direct_path_reads_what_the_tree_path_reads() {
+        let base = "listeners: [{name: l, address: 127.0.0.1:1, route_config: r}]\nroute_configs: [{name: r, virtual_hosts: [{name: v, domains: ['*'], routes: [{match: {prefix: /}, cluster: c}]}]}]\n";
+        let cases = [
+            "clusters: [{name: 1, endpoints: [{address: 127.0.0.1:2}]}]",
+            "clusters: [{name: true, endpoints: [{address: 127.0.0.1:2}]}]",
+            "clusters: [{name: 1.5, endpoints: [{address: 127.0.0.1:2}]}]",
+            "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2, weight: '2'}]}]",
+            "clusters: [{name: c, name: d, endpoints: [{address: 127.0.0.1:2}]}]",
+            "clusters: [{name: c, endpoints: &e [{address: 127.0.0.1:2}]}, {name: d, endpoints: *e}]",
+            "clusters: [{<<: {name: c}, endpoints: [{address: 127.0.0.1:2}]}]",
+            "clusters: [{name: !!str c, endpoints: [{address: 127.0.0.1:2, weight: !!int 3}]}]",
+            "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2}], connect_timeout: ~}]",
+            "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2}], connect_timeout: 5}]",
+            "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2}], connect_timeout: true}]",
+            "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2, weight: 1.0}]}]",
+            "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2, weight: 0x10}]}]",
+            "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2}], protocol: 'http2'}]",
+            "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2}], unknown: 1}]",
+        ];
+        for case in cases {
+            let text = format!("{base}{case}\n");
+            direct_and_tree_agree(&text).unwrap_or_else(|e| panic!("{e}: {case}"));
+        }
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Prometheus metrics: one registry, created at startup and passed in; per-listener and
 //! per-cluster handles are resolved once at compile time so the hot path only bumps atomics.
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -303,27 +307,33 @@ impl Metrics {
         }
     }
 
+    /// A cluster's handles. Its endpoint gauges exist from the start; its traffic series
+    /// appear, as a set, with its first event (as Envoy's deferred cluster stats), so a mesh
+    /// of thousands of idle clusters does not hold thousands of histograms.
     pub fn cluster(&self, name: &str) -> ClusterMetrics {
-        ClusterMetrics {
-            requests: CODE_CLASSES.map(|c| self.upstream_requests.with_label_values(&[name, c])),
-            duration: self.upstream_duration.with_label_values(&[name]),
-            connections_active: self.upstream_connections_active.with_label_values(&[name]),
-            connect_failures: self.upstream_connect_failures.with_label_values(&[name]),
+        ClusterMetrics(Arc::new(ClusterSeries {
             endpoints: ENDPOINT_STATES
                 .map(|st| self.cluster_endpoints.with_label_values(&[name, st])),
-            retries: self.upstream_retries.clone(),
-            budget_exhausted: self.retry_budget_exhausted.with_label_values(&[name]),
-            body_too_large: self.retry_body_too_large.with_label_values(&[name]),
-            tls_expiry: self.tls_certificate_expiry.clone(),
-            tls_failures: self.tls_handshake_failures.clone(),
-            overflow: self.breaker_overflow.clone(),
-            ejections: self.outlier_ejections.clone(),
-            health_checks: [
-                self.health_checks.with_label_values(&[name, "success"]),
-                self.health_checks.with_label_values(&[name, "failure"]),
-            ],
+            traffic: OnceLock::new(),
+            vecs: ClusterVecs {
+                requests: self.upstream_requests.clone(),
+                duration: self.upstream_duration.clone(),
+                connections_active: self.upstream_connections_active.clone(),
+                connect_failures: self.upstream_connect_failures.clone(),
+                endpoints: self.cluster_endpoints.clone(),
+                retries: self.upstream_retries.clone(),
+                budget_exhausted: self.retry_budget_exhausted.clone(),
+                body_too_large: self.retry_body_too_large.clone(),
+                overflow: self.breaker_overflow.clone(),
+                ejections: self.outlier_ejections.clone(),
+                health_checks: self.health_checks.clone(),
+                tls_expiry: self.tls_certificate_expiry.clone(),
+                tls_failures: self.tls_handshake_failures.clone(),
+            },
+            labelled: Mutex::new(BTreeSet::new()),
+            removed: AtomicBool::new(false),
             name: name.to_string(),
-        }
+        }))
     }
 }
 
@@ -381,70 +391,201 @@ impl ListenerMetrics {
 /// The `state` values of `remora_cluster_endpoints`.
 pub const ENDPOINT_STATES: [&str; 4] = ["healthy", "unhealthy", "ejected", "half_open"];
 
-/// A cluster's handles. Rare events resolve their labels when they happen.
+/// A cluster's handles, shared by its clones. Rare events resolve their labels when they
+/// happen. [`ClusterMetrics::remove`] takes every series of a cluster the config dropped
+/// out of `/metrics`.
 #[derive(Clone)]
-pub struct ClusterMetrics {
-    requests: [IntCounter; 6],
-    pub duration: Histogram,
-    pub connections_active: IntGauge,
-    pub connect_failures: IntCounter,
+pub struct ClusterMetrics(Arc<ClusterSeries>);
+
+struct ClusterSeries {
     endpoints: [IntGauge; 4],
-    retries: IntCounterVec,
-    pub budget_exhausted: IntCounter,
-    pub body_too_large: IntCounter,
-    overflow: IntCounterVec,
-    ejections: IntCounterVec,
-    health_checks: [IntCounter; 2],
-    tls_expiry: prometheus::GaugeVec,
-    tls_failures: IntCounterVec,
+    traffic: OnceLock<ClusterTraffic>,
+    vecs: ClusterVecs,
+    /// The second label of each rare-event series made so far (`(metric, label)`), so that
+    /// removal finds them.
+    labelled: Mutex<BTreeSet<(&'static str, String)>>,
+    /// Set once the cluster left the config: late events make no series.
+    removed: AtomicBool,
     name: String,
 }
 
+/// The series every request touches, made together on first use.
+struct ClusterTraffic {
+    requests: [IntCounter; 6],
+    duration: Histogram,
+    connections_active: IntGauge,
+    connect_failures: IntCounter,
+    budget_exhausted: IntCounter,
+    body_too_large: IntCounter,
+    health_checks: [IntCounter; 2],
+}
+
+/// The metric families a cluster's series live in.
+struct ClusterVecs {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    connections_active: IntGaugeVec,
+    connect_failures: IntCounterVec,
+    endpoints: IntGaugeVec,
+    retries: IntCounterVec,
+    budget_exhausted: IntCounterVec,
+    body_too_large: IntCounterVec,
+    overflow: IntCounterVec,
+    ejections: IntCounterVec,
+    health_checks: IntCounterVec,
+    tls_expiry: prometheus::GaugeVec,
+    tls_failures: IntCounterVec,
+}
+
+const HEALTH_RESULTS: [&str; 2] = ["success", "failure"];
+
 impl ClusterMetrics {
+    fn traffic(&self) -> &ClusterTraffic {
+        // After `remove`, this is already made (and detached), so it makes no series.
+        let s = &*self.0;
+        s.traffic.get_or_init(|| {
+            let name = s.name.as_str();
+            let v = &s.vecs;
+            ClusterTraffic {
+                requests: CODE_CLASSES.map(|c| v.requests.with_label_values(&[name, c])),
+                duration: v.duration.with_label_values(&[name]),
+                connections_active: v.connections_active.with_label_values(&[name]),
+                connect_failures: v.connect_failures.with_label_values(&[name]),
+                budget_exhausted: v.budget_exhausted.with_label_values(&[name]),
+                body_too_large: v.body_too_large.with_label_values(&[name]),
+                health_checks: HEALTH_RESULTS
+                    .map(|r| v.health_checks.with_label_values(&[name, r])),
+            }
+        })
+    }
+
+    /// A series with a second label, made (and remembered for removal) unless the cluster
+    /// is gone.
+    fn labelled<M>(
+        &self,
+        metric: &'static str,
+        label: &str,
+        make: impl FnOnce(&ClusterVecs, &str) -> M,
+    ) -> Option<M> {
+        let s = &*self.0;
+        let mut made = s.labelled.lock().expect("metrics lock");
+        if s.removed.load(Ordering::Relaxed) {
+            return None;
+        }
+        if !made.iter().any(|(m, l)| *m == metric && l == label) {
+            made.insert((metric, label.to_string()));
+        }
+        Some(make(&s.vecs, &s.name))
+    }
+
     /// A TLS handshake with an endpoint failed, for `reason` (see
     /// [`crate::tls::failure_reason`]).
     pub fn tls_handshake_failure(&self, reason: &str) {
-        self.tls_failures
-            .with_label_values(&["cluster", &self.name, reason])
-            .inc();
+        let series = self.labelled("tls_failures", reason, |v, name| {
+            v.tls_failures.with_label_values(&["cluster", name, reason])
+        });
+        series.inspect(IntCounter::inc);
     }
 
     /// The client certificate this cluster presents expires at `at` (Unix seconds).
     pub fn certificate_expires(&self, at: i64) {
-        self.tls_expiry
-            .with_label_values(&["cluster", &self.name])
-            .set(at as f64);
+        let series = self.labelled("tls_expiry", "", |v, name| {
+            v.tls_expiry.with_label_values(&["cluster", name])
+        });
+        if let Some(g) = series {
+            g.set(at as f64);
+        }
     }
 
     pub fn response(&self, status: u16, seconds: f64) {
-        self.requests[class_index(status)].inc();
-        self.duration.observe(seconds);
+        let t = self.traffic();
+        t.requests[class_index(status)].inc();
+        t.duration.observe(seconds);
+    }
+
+    /// `remora_upstream_connections_active` for this cluster.
+    pub fn connections_active(&self) -> IntGauge {
+        self.traffic().connections_active.clone()
+    }
+
+    pub fn connect_failure(&self) {
+        self.traffic().connect_failures.inc();
+    }
+
+    pub fn budget_exhausted(&self) {
+        self.traffic().budget_exhausted.inc();
+    }
+
+    pub fn body_too_large(&self) {
+        self.traffic().body_too_large.inc();
     }
 
     /// Endpoint counts in the order of [`ENDPOINT_STATES`].
     pub fn set_endpoint_counts(&self, counts: [i64; 4]) {
-        for (g, n) in self.endpoints.iter().zip(counts) {
+        for (g, n) in self.0.endpoints.iter().zip(counts) {
             g.set(n);
         }
     }
 
     pub fn retry(&self, reason: &str) {
-        self.retries.with_label_values(&[&self.name, reason]).inc();
+        let series = self.labelled("retries", reason, |v, name| {
+            v.retries.with_label_values(&[name, reason])
+        });
+        series.inspect(IntCounter::inc);
     }
 
     pub fn overflow(&self, resource: &str) {
-        self.overflow
-            .with_label_values(&[&self.name, resource])
-            .inc();
+        let series = self.labelled("overflow", resource, |v, name| {
+            v.overflow.with_label_values(&[name, resource])
+        });
+        series.inspect(IntCounter::inc);
     }
 
     pub fn ejection(&self, reason: &str) {
-        self.ejections
-            .with_label_values(&[&self.name, reason])
-            .inc();
+        let series = self.labelled("ejections", reason, |v, name| {
+            v.ejections.with_label_values(&[name, reason])
+        });
+        series.inspect(IntCounter::inc);
     }
 
     pub fn health_check(&self, passed: bool) {
-        self.health_checks[usize::from(!passed)].inc();
+        self.traffic().health_checks[usize::from(!passed)].inc();
+    }
+
+    /// Takes every series of this cluster out of `/metrics`: the config no longer has it
+    /// (a cluster that comes back starts from zero, as a new one does). Handles still held
+    /// by requests in flight keep counting into series no one exports.
+    pub fn remove(&self) {
+        self.traffic();
+        let s = &*self.0;
+        let mut made = s.labelled.lock().expect("metrics lock");
+        s.removed.store(true, Ordering::Relaxed);
+        let (v, name) = (&s.vecs, s.name.as_str());
+        for state in ENDPOINT_STATES {
+            let _ = v.endpoints.remove_label_values(&[name, state]);
+        }
+        for class in CODE_CLASSES {
+            let _ = v.requests.remove_label_values(&[name, class]);
+        }
+        let _ = v.duration.remove_label_values(&[name]);
+        let _ = v.connections_active.remove_label_values(&[name]);
+        let _ = v.connect_failures.remove_label_values(&[name]);
+        let _ = v.budget_exhausted.remove_label_values(&[name]);
+        let _ = v.body_too_large.remove_label_values(&[name]);
+        for result in HEALTH_RESULTS {
+            let _ = v.health_checks.remove_label_values(&[name, result]);
+        }
+        for (metric, label) in std::mem::take(&mut *made) {
+            let label = label.as_str();
+            let _ = match metric {
+                "retries" => v.retries.remove_label_values(&[name, label]),
+                "overflow" => v.overflow.remove_label_values(&[name, label]),
+                "ejections" => v.ejections.remove_label_values(&[name, label]),
+                "tls_failures" => v
+                    .tls_failures
+                    .remove_label_values(&["cluster", name, label]),
+                _ => v.tls_expiry.remove_label_values(&["cluster", name]),
+            };
+        }
     }
 }

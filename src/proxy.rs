@@ -319,7 +319,7 @@ async fn send_with_retries(
             return result;
         }
         if !replay.can_replay() {
-            cluster.metrics.body_too_large.inc();
+            cluster.metrics.body_too_large();
             return result;
         }
         let Some(permit) = cluster.breakers.try_acquire(Resource::Retries) else {
@@ -327,7 +327,7 @@ async fn send_with_retries(
             return result;
         };
         if !cluster.retry_budget.try_withdraw() {
-            cluster.metrics.budget_exhausted.inc();
+            cluster.metrics.budget_exhausted();
             return result;
         }
         // No endpoint left to retry on: the last answer stands.
@@ -338,7 +338,7 @@ async fn send_with_retries(
         // the body now, or it could read past the replay buffer while the retry waits. If it
         // already has, the body cannot be sent again, and the answer goes back untouched.
         if !replay.retire_if_replayable() {
-            cluster.metrics.body_too_large.inc();
+            cluster.metrics.body_too_large();
             return result;
         }
         target.note(&next, record);

@@ -372,7 +372,17 @@ impl Reloader {
             let _ = tokio::time::timeout(DNS_WARMUP, w).await;
         }
         let version = next.version;
+        let dropped: Vec<_> = current
+            .clusters
+            .iter()
+            .filter(|(name, _)| !next.clusters.contains_key(*name))
+            .map(|(_, c)| c.clone())
+            .collect();
         self.store.store(next);
+        // A cluster the config dropped leaves `/metrics` with it.
+        for c in dropped {
+            c.metrics.remove();
+        }
         for ((p, ready), ctx) in plan.into_iter().zip(prepared).zip(contexts) {
             match (p, ready) {
                 (Plan::Keep(l, _), _) => {

@@ -543,7 +543,7 @@ async fn connect_tcp(cluster: &Cluster, addr: SocketAddr) -> Result<TcpStream, U
         }
     };
     if result.is_err() {
-        cluster.metrics.connect_failures.inc();
+        cluster.metrics.connect_failure();
     }
     result
 }
@@ -558,7 +558,7 @@ pub struct ConnectionSlot {
 
 impl ConnectionSlot {
     fn new(cluster: &Cluster, permit: Permit) -> Arc<ConnectionSlot> {
-        let gauge = cluster.metrics.connections_active.clone();
+        let gauge = cluster.metrics.connections_active();
         gauge.inc();
         Arc::new(ConnectionSlot {
             _permit: permit,
@@ -668,7 +668,7 @@ async fn connect_io(
         return Ok(UpstreamIo::Plain(stream));
     };
     let failed = |source: io::Error| {
-        cluster.metrics.connect_failures.inc();
+        cluster.metrics.connect_failure();
         let reason = crate::tls::failure_reason(&source);
         cluster.metrics.tls_handshake_failure(reason);
         tracing::warn!(cluster = %cluster.name, %addr, error = %source, reason, "upstream TLS handshake failed");

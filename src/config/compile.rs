@@ -51,7 +51,12 @@ pub fn compile(
         let cluster = match old {
             // Unchanged, TLS files included: kept whole.
             Some(old) if old.raw == *c && old.tls_digest == tls_digest(c) => old.clone(),
-            _ => Cluster::new(c, metrics.cluster(&c.name), old.map(|o| &**o)),
+            // Changed: rebuilt, with the same series (counters go on, and removal finds every
+            // series the cluster made under any of its versions).
+            _ => {
+                let series = old.map_or_else(|| metrics.cluster(&c.name), |o| o.metrics.clone());
+                Cluster::new(c, series, old.map(|o| &**o))
+            }
         };
         clusters.insert(c.name.clone(), cluster);
     }

@@ -143,3 +143,78 @@ async fn access_log_writes_one_json_line_per_request() {
     assert_eq!(second["request_id"].as_str().unwrap().len(), 36);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A cluster's series live as long as the cluster: an idle cluster shows its endpoint
+/// gauges but no traffic series (they come with its first request, as Envoy's deferred
+/// cluster stats), a changed cluster keeps counting where it was, and a cluster the config
+/// drops takes every one of its series, rare-event ones included, out of `/metrics`.
+#[tokio::test]
+async fn cluster_series_live_and_leave_with_their_cluster() {
+    let up = Upstream::start("up").await;
+    let two = |weight: u32| {
+        config(
+            &one_route("cluster: up, retry_policy: { retry_on: [5xx], num_retries: 1 }"),
+            &format!(
+                "{}{}",
+                cluster("up", &[(up.port(), weight)], ""),
+                cluster("spare", &[(up.port(), 1)], "")
+            ),
+        )
+    };
+    let p = proxy(&two(1)).await;
+    let cl = client();
+    let series = |text: &str, cluster: &str| -> Vec<String> {
+        let label = format!("cluster=\"{cluster}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&label))
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+            .collect()
+    };
+    let metrics = || async { get(&client(), p.admin, "admin", "/metrics", &[]).await.body };
+
+    let text = metrics().await;
+    let spare = series(&text, "spare");
+    assert!(
+        spare
+            .iter()
+            .all(|s| s.starts_with("remora_cluster_endpoints{"))
+            && spare.len() == 4,
+        "an idle cluster has its endpoint gauges only: {spare:#?}"
+    );
+
+    for _ in 0..3 {
+        assert_eq!(get(&cl, p.addr, "svc", "/", &[]).await.status, 200);
+    }
+    let sample = "remora_upstream_requests_total{cluster=\"up\",code_class=\"2xx\"}";
+    wait_metric(p.admin, sample, 3.0).await;
+    // A rare-event series, made by the event: every other answer a 503, retried.
+    up.fail_every(2);
+    for _ in 0..2 {
+        assert_eq!(get(&cl, p.addr, "svc", "/", &[]).await.status, 200);
+    }
+    up.fail_every(0);
+    let retried = "remora_upstream_retries_total{cluster=\"up\",reason=\"5xx\"}";
+    assert!(metric(p.admin, retried).await >= 1.0);
+
+    let before = metric(p.admin, sample).await;
+    // Changed (a weight): rebuilt, still counting on.
+    assert!(matches!(
+        p.app.apply(two(2), "test.yaml").await,
+        remora::reloader::Outcome::Applied { .. }
+    ));
+    assert_eq!(get(&cl, p.addr, "svc", "/", &[]).await.status, 200);
+    wait_metric(p.admin, sample, before + 1.0).await;
+
+    // Dropped: every series named for it leaves.
+    let only_spare = config(
+        &one_route("cluster: spare"),
+        &cluster("spare", &[(up.port(), 1)], ""),
+    );
+    assert!(matches!(
+        p.app.apply(only_spare, "test.yaml").await,
+        remora::reloader::Outcome::Applied { .. }
+    ));
+    let text = metrics().await;
+    assert_eq!(series(&text, "up"), Vec::<String>::new(), "{text}");
+    assert!(!series(&text, "spare").is_empty());
+}

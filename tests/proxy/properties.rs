@@ -130,7 +130,8 @@ fn mutate(text: &str, rng: &mut fastrand::Rng) -> String {
 }
 
 /// 3,000 mutated example configs: parsing never panics; every error names its file and says
-/// something; what parses survives the xDS round trip, as every valid config must.
+/// something; the direct and the tree deserialization agree; what parses survives the xDS
+/// round trip, as every valid config must.
 #[test]
 fn mutated_configs_are_judged_without_panics() {
     let mut rng = rng();
@@ -144,6 +145,11 @@ fn mutated_configs_are_judged_without_panics() {
         }
         let parsed = std::panic::catch_unwind(|| remora::config::parse(&text, file));
         let parsed = parsed.unwrap_or_else(|_| panic!("parse panicked on:\n{text}"));
+        // Parsing reads the text straight into the schema and only builds the YAML tree
+        // when that fails; the tree is what locates errors, so the two must agree.
+        if let Err(e) = remora::config::direct_and_tree_agree(&text) {
+            panic!("{e}:\n{text}");
+        }
         match parsed {
             Ok(raw) => {
                 accepted += 1;
