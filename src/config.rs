@@ -188,12 +188,15 @@ fn parse_checked(
     ))
 }
 
+/// Makes a [`ConfigError`] at a position and field path, with a message and a hint.
+type Place = dyn Fn(Option<Pos>, &[Seg], String, Option<String>) -> ConfigError;
+
 /// The schema check that reports every problem with its place: the text as a YAML tree,
 /// deserialized again and again with each offending field cut out. Returns the config and
 /// the source map once the tree deserializes with no error cut out.
 fn schema_via_tree(
     text: &str,
-    at: &dyn Fn(Option<Pos>, &[Seg], String, Option<String>) -> ConfigError,
+    at: &Place,
     files: validate::TlsFiles,
 ) -> Result<(RawConfig, SourceMap), ConfigErrors> {
     let mut value: Value = match serde_yaml_ng::from_str(text) {
