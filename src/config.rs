@@ -189,14 +189,14 @@ fn parse_checked(
 }
 
 /// Makes a [`ConfigError`] at a position and field path, with a message and a hint.
-type Place = dyn Fn(Option<Pos>, &[Seg], String, Option<String>) -> ConfigError;
+type Place<'a> = dyn Fn(Option<Pos>, &[Seg], String, Option<String>) -> ConfigError + 'a;
 
 /// The schema check that reports every problem with its place: the text as a YAML tree,
 /// deserialized again and again with each offending field cut out. Returns the config and
 /// the source map once the tree deserializes with no error cut out.
 fn schema_via_tree(
     text: &str,
-    at: &Place,
+    at: &Place<'_>,
     files: validate::TlsFiles,
 ) -> Result<(RawConfig, SourceMap), ConfigErrors> {
     let mut value: Value = match serde_yaml_ng::from_str(text) {
