@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -151,15 +152,17 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
         }
         "/config" => {
             let snap = state.store.load();
-            json_response(json!({
-                "version": snap.version,
-                "source": snap.source,
-                "hash": snap.hash,
-                "loaded_at": rfc3339(snap.loaded_at),
-                "config": redacted(serde_json::to_value(&snap.raw).expect("config is JSON")),
-                "last_rejected": *state.last_rejected.lock().expect("admin lock"),
-                "xds_versions": *state.xds_versions.lock().expect("admin lock"),
-            }))
+            let last_rejected = state.last_rejected.lock().expect("admin lock").clone();
+            let xds_versions = state.xds_versions.lock().expect("admin lock").clone();
+            json_response(&ConfigView {
+                version: snap.version,
+                source: &snap.source,
+                hash: &snap.hash,
+                loaded_at: rfc3339(snap.loaded_at),
+                config: &snap.shown,
+                last_rejected,
+                xds_versions,
+            })
         }
         "/clusters" => {
             let snap = state.store.load();
@@ -194,7 +197,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                     })
                 })
                 .collect();
-            json_response(json!({ "clusters": clusters }))
+            json_response(&json!({ "clusters": clusters }))
         }
         _ => text(
             StatusCode::NOT_FOUND,
@@ -203,61 +206,27 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// What `/config` shows instead of a credential.
-const REDACTED: &str = "[redacted]";
-
-/// The config with the values of credential-bearing headers hidden, wherever a header name
-/// comes with a value (headers to add, header matchers), as Envoy's config dump hides
-/// secrets: `/config` is unauthenticated and may be reachable from the pod network.
-fn redacted(mut config: serde_json::Value) -> serde_json::Value {
-    fn walk(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
-            serde_json::Value::Object(map) => {
-                let sensitive = map
-                    .get("name")
-                    .and_then(|n| n.as_str())
-                    .is_some_and(is_sensitive_header);
-                for (key, value) in map.iter_mut() {
-                    let holds_value = matches!(
-                        key.as_str(),
-                        "value" | "exact" | "prefix" | "suffix" | "contains" | "regex"
-                    );
-                    if sensitive && holds_value && value.is_string() {
-                        *value = serde_json::Value::String(REDACTED.into());
-                    } else {
-                        walk(value);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    walk(&mut config);
-    config
-}
-
-/// Header names whose values are credentials.
-fn is_sensitive_header(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    matches!(
-        name.as_str(),
-        "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
-    ) || [
-        "token", "secret", "password", "api-key", "apikey", "auth", "session",
-    ]
-    .iter()
-    .any(|word| name.contains(word))
-}
-
 fn text(status: StatusCode, body_text: String) -> Response<Body> {
     let mut resp = Response::new(body::full(body_text));
     *resp.status_mut() = status;
     resp
 }
 
-fn json_response(value: serde_json::Value) -> Response<Body> {
-    let mut data = serde_json::to_vec_pretty(&value).expect("json");
+/// The body of `/config`.
+#[derive(Serialize)]
+struct ConfigView<'a> {
+    version: u64,
+    source: &'a str,
+    hash: &'a str,
+    loaded_at: String,
+    /// Rendered at load, compact.
+    config: &'a serde_json::value::RawValue,
+    last_rejected: Option<Rejection>,
+    xds_versions: std::collections::BTreeMap<&'static str, String>,
+}
+
+fn json_response(value: &impl Serialize) -> Response<Body> {
+    let mut data = serde_json::to_vec_pretty(value).expect("json");
     data.push(b'\n');
     let mut resp = Response::new(body::full(data));
     resp.headers_mut().insert(

@@ -8,6 +8,7 @@ pub mod compile;
 pub mod duration;
 pub mod locate;
 pub mod raw;
+pub mod shown;
 mod validate;
 pub mod watch;
 pub mod xds;

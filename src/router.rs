@@ -16,7 +16,8 @@ use crate::retry::RetryPolicy;
 /// The compiled form of one route config.
 pub struct RouteTable {
     pub name: Arc<str>,
-    vhosts: Vec<VirtualHost>,
+    /// Shared with the next version's table where a virtual host did not change.
+    vhosts: Vec<Arc<VirtualHost>>,
     exact: HashMap<String, usize>,
     /// `*.example.com` stored as `.example.com`, longest first.
     suffixes: Vec<(String, usize)>,
@@ -28,6 +29,24 @@ pub struct RouteTable {
 pub struct VirtualHost {
     pub name: Arc<str>,
     pub routes: Vec<Route>,
+    /// A digest of the config it was compiled from, to tell an unchanged one on reload.
+    pub source: u64,
+}
+
+impl VirtualHost {
+    /// Every cluster reference would resolve as it did: to the same cluster where it named a
+    /// known one, to none where it named a missing one. `known` is the new cluster set.
+    pub fn resolves_as_before(&self, known: impl Fn(&str) -> Option<Arc<Cluster>>) -> bool {
+        let same = |r: &ClusterRef| match r {
+            ClusterRef::Known(c) => known(&c.name).is_some_and(|n| Arc::ptr_eq(&n, c)),
+            ClusterRef::Missing(name) => known(name).is_none(),
+        };
+        self.routes.iter().all(|r| match &r.action {
+            Action::Cluster(c) => same(c),
+            Action::Weighted(w) => w.clusters.iter().all(same),
+            Action::Direct { .. } => true,
+        })
+    }
 }
 
 pub struct Route {
@@ -133,7 +152,7 @@ impl Action {
 
 impl RouteTable {
     /// Builds the domain index. Domains were validated (no duplicates, `*` placement).
-    pub fn new(name: &str, vhosts: Vec<(VirtualHost, Vec<String>)>) -> RouteTable {
+    pub fn new(name: &str, vhosts: Vec<(Arc<VirtualHost>, Vec<String>)>) -> RouteTable {
         let mut table = RouteTable {
             name: name.into(),
             vhosts: Vec::with_capacity(vhosts.len()),
@@ -164,6 +183,11 @@ impl RouteTable {
             .prefixes
             .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         table
+    }
+
+    /// The virtual hosts, in config order.
+    pub fn virtual_hosts(&self) -> &[Arc<VirtualHost>] {
+        &self.vhosts
     }
 
     /// The first route that matches, with its virtual host. `authority` may carry a port.
@@ -295,8 +319,8 @@ pub fn full_match_regex(pattern: &str) -> Result<Regex, regex::Error> {
 mod tests {
     use super::*;
 
-    fn vh(name: &str) -> VirtualHost {
-        VirtualHost {
+    fn vh(name: &str) -> Arc<VirtualHost> {
+        Arc::new(VirtualHost {
             name: name.into(),
             routes: vec![Route {
                 name: name.into(),
@@ -318,7 +342,8 @@ mod tests {
                 upgrades: vec![],
                 principals: None,
             }],
-        }
+            source: 0,
+        })
     }
 
     #[test]

@@ -55,8 +55,12 @@ pub struct Snapshot {
     /// Hash of the config text (hex), to tell versions apart and skip no-op reloads.
     pub hash: String,
     pub loaded_at: SystemTime,
-    /// The config as written, for `/config`.
+    /// The config as written, but for its route configs: those are compiled into the route
+    /// tables and not kept (for a big mesh they are most of it). For restart checks and the
+    /// TLS files; `shown` has the whole config.
     pub raw: RawConfig,
+    /// The whole config as `/config` shows it (see [`crate::config::shown`]).
+    pub shown: Box<serde_json::value::RawValue>,
     pub admin_address: SocketAddr,
     pub workers: Option<usize>,
     pub listeners: Vec<ListenerSettings>,
@@ -74,6 +78,7 @@ impl Snapshot {
         source: String,
         hash: String,
         raw: RawConfig,
+        shown: Box<serde_json::value::RawValue>,
         admin_address: SocketAddr,
         workers: Option<usize>,
         listeners: Vec<ListenerSettings>,
@@ -90,6 +95,7 @@ impl Snapshot {
             hash,
             loaded_at: SystemTime::now(),
             raw,
+            shown,
             admin_address,
             workers,
             listeners,
@@ -97,6 +103,11 @@ impl Snapshot {
             route_tables,
             routes_by_listener,
         }
+    }
+
+    /// The route table compiled from the route config `name`.
+    pub fn route_table(&self, name: &str) -> Option<&Arc<RouteTable>> {
+        self.route_tables.get(name)
     }
 
     /// The route table serving a listener: the one this snapshot gives the listener's name,

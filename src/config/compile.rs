@@ -40,7 +40,7 @@ pub struct Origin {
 /// Compiles `raw`, which must have passed validation. A cluster whose config is unchanged
 /// from `previous` is carried over whole (pools, endpoints and all).
 pub fn compile(
-    raw: RawConfig,
+    mut raw: RawConfig,
     origin: Origin,
     metrics: &Metrics,
     previous: Option<&Snapshot>,
@@ -63,7 +63,10 @@ pub fn compile(
     let route_tables: HashMap<String, Arc<RouteTable>> = raw
         .route_configs
         .iter()
-        .map(|rc| (rc.name.clone(), Arc::new(route_table(rc, &clusters))))
+        .map(|rc| {
+            let before = previous.and_then(|p| p.route_table(&rc.name));
+            (rc.name.clone(), route_table(rc, &clusters, before))
+        })
         .collect();
     let listeners = raw.listeners.iter().map(|l| listener(l, metrics)).collect();
     let admin_address = raw
@@ -73,11 +76,15 @@ pub fn compile(
         .parse()
         .expect("validated admin address");
     let workers = raw.workers;
+    // Compiled, and shown in `shown`: the running config does not keep them twice.
+    let route_configs = std::mem::take(&mut raw.route_configs);
+    let shown = super::shown::render(&raw, route_configs);
     Snapshot::new(
         origin.version,
         origin.source,
         origin.hash,
         raw,
+        shown,
         admin_address,
         workers,
         listeners,
@@ -122,27 +129,62 @@ fn listener(l: &RawListener, metrics: &Metrics) -> ListenerSettings {
     }
 }
 
-fn route_table(rc: &RawRouteConfig, clusters: &BTreeMap<String, Arc<Cluster>>) -> RouteTable {
-    let vhosts = rc
+/// Compiles a route config. A virtual host whose config is unchanged from `before`'s, and
+/// whose clusters are the same ones, is carried over as it is; when every one is, so is the
+/// table. A reload that changes one cluster or one virtual host of a big mesh thus rebuilds
+/// only the virtual hosts it touches.
+fn route_table(
+    rc: &RawRouteConfig,
+    clusters: &BTreeMap<String, Arc<Cluster>>,
+    before: Option<&Arc<RouteTable>>,
+) -> Arc<RouteTable> {
+    let old: HashMap<u64, &Arc<VirtualHost>> = before
+        .map(|t| t.virtual_hosts().iter().map(|v| (v.source, v)).collect())
+        .unwrap_or_default();
+    let known = |name: &str| clusters.get(name).cloned();
+    let mut all_kept = before.is_some_and(|t| t.virtual_hosts().len() == rc.virtual_hosts.len());
+    let vhosts: Vec<_> = rc
         .virtual_hosts
         .iter()
-        .map(|vh| {
-            let routes = vh
-                .routes
-                .iter()
-                .enumerate()
-                .map(|(i, r)| route(vh, i, r, clusters))
-                .collect();
-            (
-                VirtualHost {
+        .enumerate()
+        .map(|(at, vh)| {
+            let source = digest(vh);
+            let kept = old
+                .get(&source)
+                .filter(|v| v.resolves_as_before(known))
+                .map(|v| Arc::clone(v));
+            all_kept &= kept
+                .as_ref()
+                .is_some_and(|k| before.is_some_and(|t| Arc::ptr_eq(k, &t.virtual_hosts()[at])));
+            let compiled = kept.unwrap_or_else(|| {
+                let routes = vh
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| route(vh, i, r, clusters))
+                    .collect();
+                Arc::new(VirtualHost {
                     name: vh.name.as_str().into(),
                     routes,
-                },
-                vh.domains.clone(),
-            )
+                    source,
+                })
+            });
+            (compiled, vh.domains.clone())
         })
         .collect();
-    RouteTable::new(&rc.name, vhosts)
+    match before {
+        Some(table) if all_kept && *table.name == *rc.name => Arc::clone(table),
+        _ => Arc::new(RouteTable::new(&rc.name, vhosts)),
+    }
+}
+
+/// A digest of a virtual host's config (std's SipHash with its fixed keys: the same within
+/// a process, which is all a reload compares).
+fn digest(vh: &RawVirtualHost) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    vh.hash(&mut h);
+    h.finish()
 }
 
 fn route(
@@ -264,5 +306,84 @@ fn header_matcher(h: &RawHeaderMatcher) -> HeaderMatcher {
         name: header_name(&h.name),
         kind,
         invert: h.invert,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three virtual hosts over three clusters; `weight` is cluster `b`'s endpoint weight and
+    /// `prefix` the route prefix of virtual host `z`.
+    fn mesh(weight: u32, prefix: &str) -> RawConfig {
+        let text = format!(
+            "listeners: [{{ name: l, address: 127.0.0.1:1, route_config: rc }}]\n\
+             route_configs:\n  - name: rc\n    virtual_hosts:\n\
+             \x20     - {{ name: x, domains: [x], routes: [{{ match: {{ prefix: / }}, cluster: a }}] }}\n\
+             \x20     - {{ name: y, domains: [y], routes: [{{ match: {{ prefix: / }}, weighted_clusters: [{{ name: a, weight: 1 }}, {{ name: b, weight: 1 }}] }}] }}\n\
+             \x20     - {{ name: z, domains: [z], routes: [{{ match: {{ prefix: {prefix} }}, cluster: c }}] }}\n\
+             clusters:\n\
+             \x20 - {{ name: a, endpoints: [{{ address: 127.0.0.1:2 }}] }}\n\
+             \x20 - {{ name: b, endpoints: [{{ address: 127.0.0.1:3, weight: {weight} }}] }}\n\
+             \x20 - {{ name: c, endpoints: [{{ address: 127.0.0.1:4 }}] }}\n"
+        );
+        crate::config::parse(&text, "t.yaml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn build(raw: RawConfig, version: u64, previous: Option<&Snapshot>) -> Snapshot {
+        let origin = Origin {
+            version,
+            source: "t".into(),
+            hash: version.to_string(),
+        };
+        compile(raw, origin, &Metrics::new(), previous)
+    }
+
+    fn vhosts(s: &Snapshot) -> Vec<Arc<VirtualHost>> {
+        s.route_table("rc").expect("rc").virtual_hosts().to_vec()
+    }
+
+    /// A reload reuses what did not change: clusters and virtual hosts carried over as they
+    /// are (the same allocation), the whole table when nothing in it changed; only what a
+    /// change touches is built again, and it points at the new cluster.
+    #[test]
+    fn a_reload_rebuilds_only_what_changed() {
+        let one = build(mesh(1, "/"), 1, None);
+
+        // Nothing changed: every cluster and the table itself carried over.
+        let same = build(mesh(1, "/"), 2, Some(&one));
+        assert!(Arc::ptr_eq(
+            same.route_table("rc").unwrap(),
+            one.route_table("rc").unwrap()
+        ));
+        for (name, c) in &one.clusters {
+            assert!(Arc::ptr_eq(c, &same.clusters[name]), "cluster {name}");
+        }
+
+        // Cluster `b` changed: only `b` and the virtual host that sends to it (`y`) rebuilt.
+        let two = build(mesh(2, "/"), 3, Some(&same));
+        assert!(Arc::ptr_eq(&one.clusters["a"], &two.clusters["a"]));
+        assert!(!Arc::ptr_eq(&one.clusters["b"], &two.clusters["b"]));
+        let (before, after) = (vhosts(&same), vhosts(&two));
+        assert!(Arc::ptr_eq(&before[0], &after[0]), "x kept");
+        assert!(!Arc::ptr_eq(&before[1], &after[1]), "y rebuilt");
+        assert!(Arc::ptr_eq(&before[2], &after[2]), "z kept");
+        let Action::Weighted(w) = &after[1].routes[0].action else {
+            panic!("a split")
+        };
+        let ClusterRef::Known(b) = &w.clusters[1] else {
+            panic!("b known")
+        };
+        assert!(Arc::ptr_eq(b, &two.clusters["b"]), "y sends to the new b");
+
+        // Virtual host `z` changed: only `z` rebuilt, the clusters all kept.
+        let three = build(mesh(2, "/v2"), 4, Some(&two));
+        let after3 = vhosts(&three);
+        assert!(Arc::ptr_eq(&after[0], &after3[0]) && Arc::ptr_eq(&after[1], &after3[1]));
+        assert!(!Arc::ptr_eq(&after[2], &after3[2]));
+        assert!(matches!(&after3[2].routes[0].path, PathMatch::Prefix(p) if p == "/v2"));
+        for (name, c) in &two.clusters {
+            assert!(Arc::ptr_eq(c, &three.clusters[name]), "cluster {name}");
+        }
     }
 }

@@ -11,19 +11,19 @@ use super::duration::Dur;
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
 
 /// The whole file.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// The admin server (`/metrics`, `/ready`, `/live`, `/config`, `/clusters`).
     /// Default: `127.0.0.1:9901`. Changing it needs a restart.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<RawAdmin>,
     /// Worker threads. Default: the container's CPU quota (cgroup), else the core count.
     /// Changing it needs a restart.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
     /// Graceful shutdown timing.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown: Option<RawShutdown>,
     /// Who this sidecar is, as sent to the control plane. Default: id = the hostname.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,69 +44,69 @@ pub struct RawConfig {
 }
 
 /// The node identity sent on the xDS stream.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawNode {
     /// Unique per sidecar. Default: the hostname (the pod name in Kubernetes).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The service this sidecar belongs to; `remora control-plane` serving a directory
     /// serves `<cluster>.yaml` to it. Default: empty.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
 }
 
 /// Where the control plane is.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawXds {
     /// `host:port` of the control plane, spoken to as h2c gRPC (ADS). Or:
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
     /// the name of a static cluster in this file whose first endpoint is the control plane.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
     /// `/ready` waits this long for the first complete config from the control plane, then
     /// says ready with what it has. Default `15s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_fetch_timeout: Option<Dur>,
     /// Where the last accepted resources are kept, so that a restart while the control plane
     /// is down serves them at once. Default: none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_file: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     /// `ip:port` to serve the admin endpoints on. Default `127.0.0.1:9901`; keep it on loopback.
     pub address: String,
     /// Most open admin connections; further ones are closed at accept. Default 64.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// An admin connection with no byte either way for this long is closed. Default `60s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Dur>,
     /// Time to receive a request's headers on an admin connection. Default `10s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_headers_timeout: Option<Dur>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawShutdown {
     /// After SIGTERM/SIGINT, keep serving this long with `/ready` at 503 so the endpoint can
     /// be deregistered, then stop accepting. Default `5s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_delay: Option<Dur>,
     /// Then give in-flight requests this long to finish. Default `25s` (inside Kubernetes'
     /// default 30s grace period together with the delay).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout: Option<Dur>,
 }
 
 /// How a listener speaks HTTP to its clients.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Hash, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ListenerProtocol {
     /// HTTP/1.1, or h2c when the connection opens with the HTTP/2 preface (default).
@@ -118,7 +118,7 @@ pub enum ListenerProtocol {
     Http2,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     /// Unique name; used in metrics and logs.
@@ -132,18 +132,18 @@ pub struct RawListener {
     pub route_config: String,
     /// Largest request head (request line and headers) in bytes; larger gets 431.
     /// Default 61440 (60 KiB).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_headers_bytes: Option<usize>,
     /// Most request headers; more gets 431. Default 100.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_headers_count: Option<usize>,
     /// Time from a request's first byte to its last header byte, after which the
     /// connection is closed. Default `10s`; `0` disables.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_headers_timeout: Option<Dur>,
     /// A connection with no request in flight for this long is closed gracefully.
     /// Default `300s`; `0` disables.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Dur>,
     /// A request whose bytes stop moving, both ways (request body, response headers and
     /// body), for this long ends: 408 `stream_idle_timeout` before the response has started,
@@ -153,7 +153,7 @@ pub struct RawListener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_idle_timeout: Option<Dur>,
     /// Most open downstream connections; further ones are closed at accept. Default 8192.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// Normalize request paths before routing and forward the normalized path (RFC 3986
     /// §6.2.2: decode percent-encoded unreserved characters, remove `.` and `..` segments),
@@ -169,18 +169,18 @@ pub struct RawListener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<RawListenerTls>,
     /// JSON-lines access log for this listener. Default: none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<RawAccessLog>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawAccessLog {
     /// File to append to; `/dev/stdout` and `/dev/stderr` work.
     pub path: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouteConfig {
     /// Unique name, referenced by listeners.
@@ -190,7 +190,7 @@ pub struct RawRouteConfig {
     pub virtual_hosts: Vec<RawVirtualHost>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawVirtualHost {
     /// Name, for logs and `/config`.
@@ -202,7 +202,7 @@ pub struct RawVirtualHost {
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     /// Retry policy for routes that set none. Default: none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<RawRetryPolicy>,
     /// Which verified client identities may use this virtual host (routes may set their
     /// own). Default: anyone.
@@ -211,7 +211,7 @@ pub struct RawVirtualHost {
 }
 
 /// A listener's TLS.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawListenerTls {
     /// PEM certificate chain, leaf first.
@@ -220,29 +220,29 @@ pub struct RawListenerTls {
     pub key_file: String,
     /// PEM CA bundle: clients must present a certificate it signed (mTLS). Default: none
     /// (no client certificate asked for).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca_file: Option<String>,
     /// ALPN protocols offered, in order of preference. Default `[h2, http/1.1]`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpn: Option<Vec<String>>,
 }
 
 /// A cluster's TLS to its endpoints.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawClusterTls {
     /// Server name sent (SNI) and, without `verify_subject_alt_names`, checked against the
     /// certificate. Default: the endpoint's host.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
     /// PEM CA bundle that must have signed the endpoint's certificate. Required.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
     /// PEM client certificate chain for mTLS. Default: none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_file: Option<String>,
     /// PEM private key of `cert_file`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
     /// The endpoint's certificate must carry one of these as a URI or DNS SAN (e.g. a SPIFFE
     /// ID); then the SNI name is not checked. Default: check the SNI name.
@@ -251,7 +251,7 @@ pub struct RawClusterTls {
 }
 
 /// Who may use a virtual host or route.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuthorization {
     /// Peer principals admitted: the URI SAN (SPIFFE ID) of the client certificate, else its
@@ -259,29 +259,29 @@ pub struct RawAuthorization {
     pub principals: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     /// Name, used as the `route` field in access logs. Default: `<virtual host>/<index>`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// What the request must look like.
     #[serde(rename = "match")]
     pub route_match: RawRouteMatch,
     /// Action: send to this cluster.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
     /// Action: split between clusters in proportion to their weights (sum > 0).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weighted_clusters: Option<Vec<RawWeightedCluster>>,
     /// Action: answer directly without an upstream.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<RawDirectResponse>,
     /// Replace the matched `prefix` with this before forwarding.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_rewrite: Option<String>,
     /// Replace the Host/authority with this before forwarding. Default: keep it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_rewrite: Option<String>,
     /// Headers added to the request before forwarding.
     #[serde(default)]
@@ -297,10 +297,10 @@ pub struct RawRoute {
     pub response_headers_to_remove: Vec<String>,
     /// Time until the upstream's response headers arrive, covering every attempt and the
     /// backoff between them; 504 after. Default `15s`; `0` = none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
     /// When and how to retry. Default: the virtual host's policy, else no retries.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<RawRetryPolicy>,
     /// Which HTTP/1.1 upgrades (`Upgrade:` protocols) this route tunnels, as Envoy's
     /// `upgrade_configs`. Default: `websocket` only. An entry enables (or, with
@@ -314,7 +314,7 @@ pub struct RawRoute {
 }
 
 /// One upgrade protocol a route tunnels or refuses.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpgradeConfig {
     /// The `Upgrade` protocol name, case-insensitive, e.g. `websocket`.
@@ -329,7 +329,7 @@ fn enabled_by_default() -> bool {
 }
 
 /// Envoy's retry policy, flattened.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetryPolicy {
     /// Conditions: `5xx`, `gateway-error`, `connect-failure`, `reset`, `refused-stream`,
@@ -339,16 +339,16 @@ pub struct RawRetryPolicy {
     #[serde(default)]
     pub retry_on: Vec<String>,
     /// Retries after the first attempt. Default 1.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_retries: Option<u32>,
     /// Limit for each attempt (then it counts as a timeout failure). Default: none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_timeout: Option<Dur>,
     /// Status codes retried under `retriable-status-codes`.
     #[serde(default)]
     pub retriable_status_codes: Vec<u16>,
     /// Full-jitter exponential backoff between attempts.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<RawBackoff>,
     /// Retry POST, PATCH and other non-idempotent methods on any condition, not only when
     /// the request provably never reached the upstream. Default false.
@@ -356,71 +356,71 @@ pub struct RawRetryPolicy {
     pub retry_non_idempotent: bool,
     /// Request bodies up to this many bytes are kept for replay; a larger one streams
     /// through once and is not retried. Default 65536.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_buffer_bytes: Option<usize>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackoff {
     /// Default `25ms`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_interval: Option<Dur>,
     /// Default `250ms`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_interval: Option<Dur>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawRouteMatch {
     /// Path starts with this (query string excluded).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     /// Path equals this (query string excluded).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// Whole path matches this regex (query string excluded).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regex: Option<String>,
     /// Request method is one of these. Default: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
     /// Every one of these header matchers must match.
     #[serde(default)]
     pub headers: Vec<RawHeaderMatcher>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderMatcher {
     /// Header name (case-insensitive).
     pub name: String,
     /// Value equals this.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exact: Option<String>,
     /// Value starts with this.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     /// Value ends with this.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suffix: Option<String>,
     /// Value contains this.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contains: Option<String>,
     /// Whole value matches this regex.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regex: Option<String>,
     /// `true`: the header is present; `false`: it is absent. The default when no other
     /// matcher is given is `present: true`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub present: Option<bool>,
     /// Invert the result. Default false.
     #[serde(default)]
     pub invert: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawWeightedCluster {
     /// Cluster name.
@@ -429,17 +429,17 @@ pub struct RawWeightedCluster {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawDirectResponse {
     /// Status code, 200 to 599.
     pub status: u16,
     /// Body. Default: empty.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderValue {
     /// Header name.
@@ -456,7 +456,7 @@ fn default_true() -> bool {
 }
 
 /// How a cluster finds its endpoints.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Hash, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DiscoveryType {
     /// Endpoints are `ip:port` as written (default).
@@ -472,7 +472,7 @@ pub enum DiscoveryType {
 }
 
 /// How a cluster picks an endpoint for a request.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Hash, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
     /// Smooth weighted round robin: exact proportions over each cycle (default).
@@ -488,16 +488,16 @@ pub enum LbPolicy {
 
 /// What `ring_hash` hashes: a request header's value when `header` is set and the request
 /// has it, else the client's IP address.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HashOn {
     /// Header to hash. Default: none (hash the client address).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
 }
 
 /// The protocol remora speaks to a cluster's endpoints.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Hash, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
     /// HTTP/1.1 with a keep-alive pool per endpoint (default).
@@ -511,7 +511,7 @@ pub enum UpstreamProtocol {
     Auto,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     /// Unique name, referenced by routes.
@@ -523,7 +523,7 @@ pub struct RawCluster {
     #[serde(default)]
     pub lb_policy: LbPolicy,
     /// For `ring_hash`: `{ header: NAME }`; default and fallback: the client address.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_on: Option<HashOn>,
     /// `http1` (default), `http2` (h2c, or h2 by ALPN with `tls`) or `auto` (with `tls`).
     #[serde(default)]
@@ -532,10 +532,10 @@ pub struct RawCluster {
     #[serde(default)]
     pub endpoints: Vec<RawEndpoint>,
     /// Time allowed to open a TCP connection to an endpoint. Default `5s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Dur>,
     /// Pooled connections unused for this long are closed. Default `60s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Dur>,
     /// Largest response head (status line and headers) an endpoint may send, in bytes,
     /// 8192 to 1048576; a larger one is a 502 `upstream_response_headers_too_large`.
@@ -543,43 +543,43 @@ pub struct RawCluster {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_response_headers_bytes: Option<usize>,
     /// For `strict_dns`: how often to resolve again. Default `5s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_refresh_rate: Option<Dur>,
     /// Per-cluster limits that fail fast with 503 `overflow` when reached.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<RawCircuitBreakers>,
     /// How much retries may add to the load on this cluster.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RawRetryBudget>,
     /// Passive health: eject endpoints that keep failing.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<RawOutlierDetection>,
     /// Active health checks. Default: none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<RawHealthCheck>,
     /// When fewer than this percentage of endpoints are usable, balance over all of them
     /// rather than overload the few. Default 50; 0 disables.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub panic_threshold: Option<u32>,
     /// TLS to the endpoints. Default: plain text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<RawClusterTls>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawCircuitBreakers {
     /// Open connections to all endpoints. Default 1024.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// Requests waiting for a new connection. Default 1024.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending_requests: Option<usize>,
     /// Requests in flight. Default 1024.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<usize>,
     /// Retries in flight. Default 3.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<usize>,
 }
 
@@ -587,47 +587,56 @@ pub struct RawCircuitBreakers {
 #[serde(deny_unknown_fields)]
 pub struct RawRetryBudget {
     /// Retries may add this fraction of the request rate. Default 0.2.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
     /// Retries per second always allowed. Default 10.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_retries_per_second: Option<u32>,
     /// Window over which requests and retries are counted. Default `10s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<Dur>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+/// By the ratio's bits: equal budgets hash equal (validation refuses NaN).
+impl std::hash::Hash for RawRetryBudget {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.ratio.map(f64::to_bits).hash(state);
+        self.min_retries_per_second.hash(state);
+        self.window.hash(state);
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawOutlierDetection {
     /// Consecutive 5xx responses (or connect failures, resets, timeouts) that eject. Default 5.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_5xx: Option<u32>,
     /// Consecutive 502/503/504 (or connect failures, resets, timeouts) that eject. Default 5.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_gateway_failure: Option<u32>,
     /// Consecutive connect failures that eject. Default 5.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_local_origin_failure: Option<u32>,
     /// An endpoint healthy this long forgets one past ejection. Default `10s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<Dur>,
     /// Ejection lasts this × times ejected. Default `30s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_ejection_time: Option<Dur>,
     /// Longest ejection. Default `300s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_time: Option<Dur>,
     /// Most of the cluster ejected at once, in percent; one endpoint may always be. Default 10.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_percent: Option<u32>,
     /// Requests let through at once while half-open; their outcome closes or reopens. Default 1.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub half_open_probes: Option<u32>,
 }
 
 /// How a health check talks to an endpoint.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Hash, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthCheckProtocol {
     /// `GET path`; healthy when the status is expected (default).
@@ -637,42 +646,42 @@ pub enum HealthCheckProtocol {
     Tcp,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
     /// `http` (default) or `tcp`.
     #[serde(default)]
     pub protocol: HealthCheckProtocol,
     /// HTTP path. Default `/`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// HTTP Host header. Default: the cluster name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Statuses that pass. Default: any 2xx.
     #[serde(default)]
     pub expected_statuses: Vec<u16>,
     /// Time between checks (each with up to 10% jitter). Default `5s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<Dur>,
     /// Limit for one check. Default `1s`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
     /// Failed checks in a row that make an endpoint unhealthy. Default 3.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_threshold: Option<u32>,
     /// Passed checks in a row that make it healthy again. Default 2.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy_threshold: Option<u32>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct RawEndpoint {
     /// `ip:port`, or `host:port` for `strict_dns`.
     pub address: String,
     /// Relative weight, 1 to 10000. Default 1.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
 }
 

@@ -1,0 +1,75 @@
+//! The config as `/config` shows it: JSON, credentials redacted, unset fields left out;
+//! rendered once per load, so the running snapshot need not keep the parsed route configs.
+
+use serde_json::value::RawValue;
+
+use super::raw::{RawConfig, RawHeaderMatcher, RawHeaderValue, RawRouteConfig};
+
+/// What a redacted header value reads as.
+pub const REDACTED: &str = "[redacted]";
+
+/// `head` with `route_configs` as compact JSON, with the values of credential-bearing
+/// headers hidden wherever a header name comes with a value (headers to add, header
+/// matchers), as Envoy's config dump hides secrets: `/config` is unauthenticated and may be
+/// reachable from the pod network. `head`'s own route configs are not shown.
+pub fn render(head: &RawConfig, mut route_configs: Vec<RawRouteConfig>) -> Box<RawValue> {
+    for route in route_configs
+        .iter_mut()
+        .flat_map(|rc| rc.virtual_hosts.iter_mut())
+        .flat_map(|vh| vh.routes.iter_mut())
+    {
+        route
+            .route_match
+            .headers
+            .iter_mut()
+            .for_each(redact_matcher);
+        route
+            .request_headers_to_add
+            .iter_mut()
+            .for_each(redact_value);
+        route
+            .response_headers_to_add
+            .iter_mut()
+            .for_each(redact_value);
+    }
+    let whole = RawConfig {
+        route_configs,
+        ..head.clone()
+    };
+    let text = serde_json::to_string(&whole).expect("config is JSON");
+    RawValue::from_string(text).expect("serde_json wrote JSON")
+}
+
+fn redact_matcher(m: &mut RawHeaderMatcher) {
+    if is_sensitive_header(&m.name) {
+        let values = [
+            &mut m.exact,
+            &mut m.prefix,
+            &mut m.suffix,
+            &mut m.contains,
+            &mut m.regex,
+        ];
+        for v in values.into_iter().flatten() {
+            *v = REDACTED.into();
+        }
+    }
+}
+
+fn redact_value(h: &mut RawHeaderValue) {
+    if is_sensitive_header(&h.name) {
+        h.value = REDACTED.into();
+    }
+}
+
+/// Header names whose values are credentials.
+fn is_sensitive_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
+    ) || [
+        "token", "secret", "password", "api-key", "apikey", "auth", "session",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
