@@ -56,6 +56,9 @@ pub struct Metrics {
     /// `remora_tls_certificate_expiry_timestamp_seconds{owner,name}`: the leaf certificate in
     /// use by a listener or a cluster (client certificate).
     pub tls_certificate_expiry: prometheus::GaugeVec,
+    /// `remora_runtime_tasks_alive`: tokio tasks alive, read at each scrape (for the soak: a
+    /// leak of tasks shows as a slope).
+    tasks_alive: prometheus::IntGauge,
     /// `remora_xds_connected`: 1 while the ADS stream is up.
     pub xds_connected: prometheus::IntGauge,
     /// `remora_xds_updates_total{type,result}`: responses ACKed or NACKed.
@@ -104,6 +107,13 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(xds_connected.clone()))
+            .expect("unique metric");
+        let tasks_alive = prometheus::IntGauge::new(
+            "remora_runtime_tasks_alive",
+            "Tasks alive in remora's async runtime, read at each scrape.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(tasks_alive.clone()))
             .expect("unique metric");
         let xds_last_update = prometheus::GaugeVec::new(
             Opts::new(
@@ -262,6 +272,7 @@ impl Metrics {
                 &["source", "result"],
             ),
             config_last_success,
+            tasks_alive,
             registry: r,
         };
         // Every reload series exists from the start, so rate() and alerts see a zero.
@@ -280,6 +291,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let alive = runtime.metrics().num_alive_tasks();
+            self.tasks_alive
+                .set(i64::try_from(alive).unwrap_or(i64::MAX));
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
