@@ -43,6 +43,9 @@ struct ConnState {
     head_started: AtomicU64,
     /// Milliseconds since `epoch` when the connection last became idle.
     idle_since: AtomicU64,
+    /// Milliseconds since `epoch` (+1) since when writes to the client have been refused
+    /// (its socket full: the client stopped reading); 0: writes are going through.
+    write_blocked_since: AtomicU64,
     _permit: ConnectionPermit,
     /// `remora_downstream_connections_active`, decreased when the state goes.
     gauge: IntGauge,
@@ -72,6 +75,25 @@ impl ConnState {
     fn head_overdue(&self, limit: Duration) -> bool {
         let started = self.head_started.load(Ordering::Relaxed);
         started != 0 && self.now() - started > limit.as_millis() as u64
+    }
+
+    /// A write to the client was refused (`blocked`) or went through.
+    fn on_write(&self, blocked: bool) {
+        if !blocked {
+            self.write_blocked_since.store(0, Ordering::Relaxed);
+        } else if self.write_blocked_since.load(Ordering::Relaxed) == 0 {
+            self.write_blocked_since
+                .store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// How long the client has not been taking what is written to it.
+    fn write_blocked_for(&self) -> Duration {
+        let since = self.write_blocked_since.load(Ordering::Relaxed);
+        if since == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(self.now().saturating_sub(since))
     }
 
     fn idle_for(&self) -> Duration {
@@ -147,6 +169,7 @@ pub async fn serve(
         in_flight: AtomicU32::new(0),
         head_started: AtomicU64::new(0),
         idle_since: AtomicU64::new(0),
+        write_blocked_since: AtomicU64::new(0),
         _permit: permit,
         gauge,
         phase: phase.clone(),
@@ -229,7 +252,8 @@ async fn serve_http<IO>(
     let settings = &ctx.settings;
     let io = TokioIo::new(Watched {
         inner: stream,
-        state: (protocol == Protocol::Http1).then(|| state.clone()),
+        state: state.clone(),
+        heads: protocol == Protocol::Http1,
     });
     let service = {
         let state = state.clone();
@@ -245,6 +269,7 @@ async fn serve_http<IO>(
     let limits = Limits {
         headers_timeout: settings.request_headers_timeout,
         idle_timeout: settings.idle_timeout,
+        stream_idle_timeout: settings.stream_idle_timeout,
     };
     match protocol {
         Protocol::Http1 => {
@@ -299,6 +324,9 @@ async fn detect(stream: &TcpStream) -> Option<Protocol> {
 struct Limits {
     headers_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
+    /// Here: how long a client may leave what is written to it unread (the stream-level
+    /// bound cannot see that: a full socket stops the response body from being polled).
+    stream_idle_timeout: Option<Duration>,
 }
 
 /// Runs a connection to completion, enforcing the timeouts and honouring drain: graceful
@@ -316,13 +344,17 @@ async fn drive<C, E>(
 {
     let headers_timeout = limits.headers_timeout.filter(|_| watch_heads);
     // Check a few times per header timeout; precise enough, and cheap for idle connections.
-    let tick = [headers_timeout, limits.idle_timeout]
-        .into_iter()
-        .flatten()
-        .min()
-        .map_or(Duration::from_secs(3600), |t| {
-            (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
-        });
+    let tick = [
+        headers_timeout,
+        limits.idle_timeout,
+        limits.stream_idle_timeout,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .map_or(Duration::from_secs(3600), |t| {
+        (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    });
     tokio::pin!(conn);
     // Both futures live as long as the connection: building a timer or a watch wait anew on
     // every wake-up (several per request) would cost more than the request's own parsing.
@@ -363,6 +395,10 @@ async fn drive<C, E>(
                     tracing::debug!("request headers not received in time; closing");
                     return;
                 }
+                if limits.stream_idle_timeout.is_some_and(|t| state.write_blocked_for() >= t) {
+                    tracing::debug!("the client took nothing for stream_idle_timeout; closing");
+                    return;
+                }
                 if !closing && limits.idle_timeout.is_some_and(|t| state.idle_for() >= t) {
                     closing = true;
                     idle_close_asked = Some(Instant::now());
@@ -379,10 +415,27 @@ async fn drive<C, E>(
     }
 }
 
-/// The client socket, noting when bytes arrive between requests (HTTP/1.1 only).
+/// The client socket, noting when bytes arrive between requests (`heads`: HTTP/1.1 only)
+/// and when writes to the client stop going through.
 struct Watched<IO> {
     inner: IO,
-    state: Option<Arc<ConnState>>,
+    state: Arc<ConnState>,
+    heads: bool,
+}
+
+impl<IO> Watched<IO> {
+    fn noted<T>(
+        &self,
+        polled: Poll<io::Result<T>>,
+        moved: impl Fn(&T) -> bool,
+    ) -> Poll<io::Result<T>> {
+        match &polled {
+            Poll::Pending => self.state.on_write(true),
+            Poll::Ready(Ok(v)) if moved(v) => self.state.on_write(false),
+            Poll::Ready(_) => {}
+        }
+        polled
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
@@ -393,10 +446,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(state)) = (&polled, &self.state) {
-            if buf.filled().len() > before {
-                state.on_read();
-            }
+        if self.heads && matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.on_read();
         }
         polled
     }
@@ -408,7 +459,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.noted(polled, |n| *n > 0)
     }
 
     fn poll_write_vectored(
@@ -416,7 +468,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.noted(polled, |n| *n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -424,7 +477,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.noted(polled, |_| true)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
-use http_body_util::{Full, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -911,6 +911,74 @@ async fn a_stream_that_stops_moving_ends_after_stream_idle_timeout() {
         "{answer}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// `stream_idle_timeout` when the client is the one that stalls: it asks for 64 MiB and
+/// stops reading. Every buffer on the way fills, nothing can move, and after the limit
+/// remora closes the client's connection (it had no way to see this before: the response
+/// body is not even polled while the socket is full), freeing the breaker slot for the next
+/// request (`max_requests: 1`).
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_stream_idle_timeout() {
+    const BIG: usize = 64 << 20;
+    let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let body = if req.uri().path() == "/big" {
+                        let chunks = (0..BIG / 65536).map(|_| {
+                            Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 65536])))
+                        });
+                        StreamBody::new(futures_util::stream::iter(chunks)).boxed_unsync()
+                    } else {
+                        Full::new(Bytes::from_static(b"ok"))
+                            .map_err(|never| match never {})
+                            .boxed_unsync()
+                    };
+                    Ok::<_, Infallible>(Response::new(body))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let vhosts =
+        "      - { name: all, domains: [\"*\"], routes: [{ match: { prefix: / }, cluster: big }] }";
+    let clusters = format!(
+        "{}    circuit_breakers: {{ max_requests: 1 }}\n",
+        cluster("big", &[(port, 1)], "")
+    );
+    let p = proxy(&full_config(
+        "address: 127.0.0.1:0",
+        &[&main_listener(", stream_idle_timeout: 500ms")],
+        vhosts,
+        &clusters,
+    ))
+    .await;
+    let mut stalled = TcpStream::connect(p.addr).await.unwrap();
+    stalled.write_all(&raw_get("/big", b"")).await.unwrap();
+    // Read nothing for a while: the stream stalls on the client.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The breaker slot is back: the next request is admitted.
+    let answer = raw_exchange(p.addr, &raw_get("/small", b""), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    // And the stalled connection was closed: what is read now ends well short of 64 MiB.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let read_all = async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    };
+    let ended = tokio::time::timeout(Duration::from_secs(10), read_all).await;
+    assert!(ended.is_ok(), "the connection was still open after 13 s");
+    assert!(got < BIG, "the whole body came through ({got} bytes)");
 }
 
 /// Over HTTP/2 too: an h2c upstream whose response headers exceed the cluster's limit is a
