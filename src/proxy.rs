@@ -207,6 +207,7 @@ async fn proxy(
             .timeout
             .map(|limit| (tokio::time::Instant::now() + limit, limit)),
         upload,
+        idle: idle.clone(),
     };
     let resp = match on_client_upgrade {
         Some(client_io) => {
@@ -216,19 +217,13 @@ async fn proxy(
             };
             upgrade_exchange(&target, route, upstream_req, client_io, tunnel, record).await?
         }
-        None => match idle {
-            None => send_with_retries(&target, route, upstream_req, record).await?,
-            Some((activity, limit)) => {
-                let resp = tokio::select! {
-                    biased;
-                    resp = send_with_retries(&target, route, upstream_req, record) => resp?,
-                    _ = stream_idle::expired(&activity, limit) => {
-                        return Err(ProxyError::StreamIdle(limit));
-                    }
-                };
-                resp.map(|b| stream_idle::bound(b, activity, limit))
+        None => {
+            let resp = send_with_retries(&target, route, upstream_req, record).await?;
+            match idle {
+                Some((activity, limit)) => resp.map(|b| stream_idle::bound(b, activity, limit)),
+                None => resp,
             }
-        },
+        }
     };
 
     // 5. Answer.
@@ -244,6 +239,8 @@ struct Target<'a> {
     deadline: Option<(tokio::time::Instant, Duration)>,
     /// How far the client's request body has come, when it has one.
     upload: Option<Arc<body::Progress>>,
+    /// The stream idle timeout, and where progress either way is noted.
+    idle: Option<(Arc<Activity>, Duration)>,
 }
 
 impl Target<'_> {
@@ -392,12 +389,23 @@ async fn attempt(
         (None, None) => None,
     };
     let send = upstream::send(target.cluster, &pick.endpoint, req);
-    let result = match limit {
-        Some((at, on_timeout)) => match tokio::time::timeout_at(at, send).await {
-            Ok(r) => r.map_err(ProxyError::from),
-            Err(_) => Err(on_timeout),
+    let timed = async {
+        match limit {
+            Some((at, on_timeout)) => match tokio::time::timeout_at(at, send).await {
+                Ok(r) => r.map_err(ProxyError::from),
+                Err(_) => Err(on_timeout),
+            },
+            None => send.await.map_err(ProxyError::from),
+        }
+    };
+    // The stream idle timeout ends the attempt like a timeout, so its outcome is recorded.
+    let result = match &target.idle {
+        Some((activity, idle)) => tokio::select! {
+            biased;
+            result = timed => result,
+            _ = stream_idle::expired(activity, *idle) => Err(ProxyError::StreamIdle(*idle)),
         },
-        None => send.await.map_err(ProxyError::from),
+        None => timed.await,
     };
     record_outcome(target, &mut pick, result.as_ref().map(|r| r.status()), sent)?;
     result
@@ -424,7 +432,8 @@ fn record_outcome(
         Err(_) if target.client_gone() => return Err(ProxyError::DownstreamDisconnect),
         // The time ran out while the client was still sending its body: nobody's fault the
         // upstream can be charged with.
-        Err(ProxyError::Timeout(_) | ProxyError::PerTryTimeout(_)) if target.client_stalled() => {}
+        Err(ProxyError::Timeout(_) | ProxyError::PerTryTimeout(_) | ProxyError::StreamIdle(_))
+            if target.client_stalled() => {}
         // Refused by remora's own breaker, or a request remora could not send as it was:
         // the upstream never saw it.
         Err(ProxyError::Upstream(UpstreamError::Overflow(_))) => {}

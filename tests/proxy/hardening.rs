@@ -870,7 +870,8 @@ async fn stalling_upstream(head: &'static [u8]) -> u16 {
 /// `stream_idle_timeout`: a response body that stops after 3 of 100,000 bytes ends the
 /// client's connection once nothing moved for the limit, and the breaker slot comes back
 /// (with `max_requests: 1`, the next request is admitted); an upstream that never answers,
-/// with the route timeout off, is a 408 `stream_idle_timeout`.
+/// with the route timeout off, is a 408 `stream_idle_timeout` (as Envoy answers), charged
+/// to the upstream.
 #[tokio::test]
 async fn a_stream_that_stops_moving_ends_after_stream_idle_timeout() {
     let stalled = stalling_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nabc").await;
@@ -881,7 +882,11 @@ async fn a_stream_that_stops_moving_ends_after_stream_idle_timeout() {
     let clusters = format!(
         "{}    circuit_breakers: {{ max_requests: 1 }}\n{}",
         cluster("stalled", &[(stalled, 1)], ""),
-        cluster("silent", &[(silent, 1)], "")
+        cluster(
+            "silent",
+            &[(silent, 1)],
+            "    outlier_detection: { consecutive_5xx: 1, max_ejection_percent: 100 }\n"
+        )
     );
     let p = proxy(&full_config(
         "address: 127.0.0.1:0",
@@ -911,6 +916,15 @@ async fn a_stream_that_stops_moving_ends_after_stream_idle_timeout() {
         "{answer}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+    // The upstream is the one that stalled (the request was all sent): the attempt counts
+    // against it, as a timeout would, and outlier detection ejects it.
+    let metrics = get(&client(), p.admin, "admin", "/metrics", &[]).await.body;
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "remora_outlier_ejections_total{cluster=\"silent\",reason=\"consecutive_5xx\"} 1"
+        )),
+        "{metrics}"
+    );
 }
 
 /// `stream_idle_timeout` when the client is the one that stalls: it asks for 64 MiB and
