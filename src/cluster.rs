@@ -8,6 +8,7 @@ pub mod budget;
 mod dns;
 pub mod health;
 pub mod outlier;
+pub mod pool;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,9 +24,9 @@ use self::breaker::CircuitBreakers;
 use self::budget::RetryBudget;
 use self::health::HealthCheckConfig;
 use self::outlier::{Breaker, BreakerState, Observation, OutlierConfig, Transition};
+use self::pool::Pool;
 use crate::config::raw::{DiscoveryType, LbPolicy, RawCluster, UpstreamProtocol};
 use crate::metrics::{ClusterMetrics, ENDPOINT_STATES};
-use crate::upstream::Pool;
 
 /// Default `connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

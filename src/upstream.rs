@@ -4,10 +4,10 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 
 use crate::body::{self, Body, BoxError};
 use crate::cluster::breaker::{Permit, Resource};
+use crate::cluster::pool::{Pool, HTTP1, HTTP2, UNKNOWN};
 use crate::cluster::{Cluster, Endpoint};
 use crate::config::raw::UpstreamProtocol;
 
@@ -139,81 +140,6 @@ impl UpstreamError {
                 | UpstreamError::Handshake { .. }
                 | UpstreamError::Tls { .. }
         )
-    }
-}
-
-struct IdleConn {
-    sender: http1::SendRequest<Body>,
-    since: Instant,
-}
-
-/// An endpoint's connections: idle HTTP/1.1 ones (most recently used first), or one h2c one.
-pub struct Pool {
-    idle: Mutex<Vec<IdleConn>>,
-    /// The shared h2c connection, numbered so that a request that saw it fail replaces that
-    /// one only, not a fresh one another request has just opened.
-    h2: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
-    h2_opened: std::sync::atomic::AtomicU64,
-    h2_connecting: tokio::sync::Mutex<()>,
-    /// For an `auto` cluster, what the endpoint chose by ALPN: [`UNKNOWN`], [`HTTP1`] or
-    /// [`HTTP2`].
-    chosen: AtomicU8,
-}
-
-const UNKNOWN: u8 = 0;
-const HTTP1: u8 = 1;
-const HTTP2: u8 = 2;
-
-impl Default for Pool {
-    fn default() -> Self {
-        Pool::new()
-    }
-}
-
-impl Pool {
-    pub fn new() -> Pool {
-        Pool {
-            idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
-            h2_opened: std::sync::atomic::AtomicU64::new(0),
-            h2_connecting: tokio::sync::Mutex::new(()),
-            chosen: AtomicU8::new(UNKNOWN),
-        }
-    }
-
-    /// Idle HTTP/1.1 connections right now (for `/clusters` and tests).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().expect("pool lock").len()
-    }
-
-    /// Drops idle connections unused for longer than `max_idle`, which closes them.
-    pub fn close_idle_older_than(&self, max_idle: Duration) {
-        self.idle
-            .lock()
-            .expect("pool lock")
-            .retain(|c| c.since.elapsed() < max_idle && !c.sender.is_closed());
-    }
-
-    fn put_h1(&self, sender: http1::SendRequest<Body>) {
-        self.idle.lock().expect("pool lock").push(IdleConn {
-            sender,
-            since: Instant::now(),
-        });
-    }
-
-    /// The most recently used idle connection that is still open, and how long it was idle.
-    async fn take_h1(&self, max_idle: Duration) -> Option<(http1::SendRequest<Body>, Duration)> {
-        loop {
-            let conn = self.idle.lock().expect("pool lock").pop()?;
-            let idle = conn.since.elapsed();
-            if conn.sender.is_closed() || idle >= max_idle {
-                continue;
-            }
-            let mut sender = conn.sender;
-            if sender.ready().await.is_ok() {
-                return Some((sender, idle));
-            }
-        }
     }
 }
 
