@@ -19,9 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::access_log::rfc3339;
 use crate::activity::{Active, Activity};
 use crate::body::{self, Body};
-use crate::listener::{ConnectionLimit, ConnectionPermit};
+use crate::connection_limit::{ConnectionLimit, ConnectionPermit};
 use crate::metrics::Metrics;
-use crate::reloader::Rejection;
 use crate::snapshot::SnapshotStore;
 
 /// What the admin endpoints report on.
@@ -36,6 +35,18 @@ pub struct AdminState {
     pub last_rejected: Mutex<Option<Rejection>>,
     /// The version of each xDS type in force (`lds`, `rds`, `cds`, `eds`), shown by `/config`.
     pub xds_versions: Mutex<std::collections::BTreeMap<&'static str, String>>,
+}
+
+/// The last rejected attempt, for `/config`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    pub at: String,
+    pub source: &'static str,
+    pub hash: String,
+    pub errors: Vec<String>,
+    /// The config itself was fine; applying it failed for a reason that may pass (an
+    /// address in use, a log file that cannot be opened yet), so the same file is retried.
+    pub transient: bool,
 }
 
 /// Default `admin.max_connections`.

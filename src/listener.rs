@@ -4,7 +4,6 @@
 //! requests with the new routing) or drain it.
 
 mod connection;
-mod limit;
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,9 +15,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use self::connection::{ConnectionHold, InFlight};
-pub use self::limit::{ConnectionLimit, ConnectionPermit};
 use crate::access_log::AccessLog;
+pub use crate::connection_limit::{ConnectionLimit, ConnectionPermit};
+pub use crate::downstream::Phase;
 use crate::proxy::ListenerContext;
 use crate::snapshot::{ListenerSettings, SnapshotStore};
 
@@ -28,16 +27,6 @@ pub struct Prepared {
     socket: TcpListener,
     ctx: Arc<ListenerContext>,
     local_addr: SocketAddr,
-}
-
-/// Where a listener's connections are in its life; they watch it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
-    Serving,
-    /// Finish what is in progress, then close (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY).
-    Draining,
-    /// The drain timeout passed: close now, upgraded tunnels included.
-    Closing,
 }
 
 /// A listener that is accepting.

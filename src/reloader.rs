@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::admin::AdminState;
+use crate::admin::{AdminState, Rejection};
 use crate::config::compile::{compile, Origin};
 use crate::config::locate::{Seg, SourceMap};
 use crate::config::xds::Dynamic;
@@ -61,18 +60,6 @@ pub enum Outcome {
     /// The config is valid but could not be applied now (an address in use, a file that
     /// cannot be read or opened); the running config stays, and trying again may work.
     Failed(Vec<String>),
-}
-
-/// The last rejected attempt, for `/config`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Rejection {
-    pub at: String,
-    pub source: &'static str,
-    pub hash: String,
-    pub errors: Vec<String>,
-    /// The config itself was fine; applying it failed for a reason that may pass (an
-    /// address in use, a log file that cannot be opened yet), so the same file is retried.
-    pub transient: bool,
 }
 
 pub(crate) enum Command {

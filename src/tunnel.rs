@@ -10,7 +10,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::activity::{Active, Activity};
-use crate::listener::ConnectionHold;
+use crate::downstream::ConnectionHold;
 use crate::upstream::ConnectionSlot;
 
 /// What bounds a tunnel on the client's side.

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -14,13 +14,13 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::{ConnectionPermit, Phase};
+use super::ConnectionPermit;
 use crate::config::raw::ListenerProtocol;
+use crate::downstream::{ConnState, InFlight, Phase};
 use crate::forward::Client;
 use crate::proxy::{self, ListenerContext};
 use crate::tls::Peer;
@@ -32,116 +32,6 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest wait, after an idle connection was asked to close, before it is closed hard.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// Request boundaries on one connection, for the header and idle timeouts; and the
-/// connection's place in its listener's count, held until the connection and any upgraded
-/// tunnel made from it have both closed.
-struct ConnState {
-    epoch: Instant,
-    in_flight: AtomicU32,
-    /// Milliseconds since `epoch` (+1) when the current request's first byte arrived; 0: none.
-    head_started: AtomicU64,
-    /// Milliseconds since `epoch` when the connection last became idle.
-    idle_since: AtomicU64,
-    /// Milliseconds since `epoch` (+1) since when writes to the client have been refused
-    /// (its socket full: the client stopped reading); 0: writes are going through.
-    write_blocked_since: AtomicU64,
-    _permit: ConnectionPermit,
-    /// `remora_downstream_connections_active`, decreased when the state goes.
-    gauge: IntGauge,
-    phase: watch::Receiver<Phase>,
-}
-
-impl Drop for ConnState {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
-}
-
-impl ConnState {
-    fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
-    /// Bytes arrived: with nothing in flight, they start a new request head.
-    fn on_read(&self) {
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self.head_started.load(Ordering::Relaxed) == 0
-        {
-            self.head_started.store(self.now(), Ordering::Relaxed);
-        }
-    }
-
-    fn head_overdue(&self, limit: Duration) -> bool {
-        let started = self.head_started.load(Ordering::Relaxed);
-        started != 0 && self.now() - started > limit.as_millis() as u64
-    }
-
-    /// A write to the client was refused (`blocked`) or went through.
-    fn on_write(&self, blocked: bool) {
-        if !blocked {
-            self.write_blocked_since.store(0, Ordering::Relaxed);
-        } else if self.write_blocked_since.load(Ordering::Relaxed) == 0 {
-            self.write_blocked_since
-                .store(self.now(), Ordering::Relaxed);
-        }
-    }
-
-    /// How long the client has not been taking what is written to it.
-    fn write_blocked_for(&self) -> Duration {
-        let since = self.write_blocked_since.load(Ordering::Relaxed);
-        if since == 0 {
-            return Duration::ZERO;
-        }
-        Duration::from_millis(self.now().saturating_sub(since))
-    }
-
-    fn idle_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return Duration::ZERO;
-        }
-        let since = self.idle_since.load(Ordering::Relaxed);
-        Duration::from_millis(self.now().saturating_sub(since))
-    }
-}
-
-/// Marks a request in flight on its connection until dropped (when its response is done).
-pub struct InFlight(Arc<ConnState>);
-
-impl InFlight {
-    fn begin(state: &Arc<ConnState>) -> InFlight {
-        state.in_flight.fetch_add(1, Ordering::Relaxed);
-        state.head_started.store(0, Ordering::Relaxed);
-        InFlight(state.clone())
-    }
-}
-
-impl InFlight {
-    /// Keeps the connection counted after its HTTP exchange is over (an upgraded tunnel).
-    pub fn hold_connection(&self) -> ConnectionHold {
-        ConnectionHold(self.0.clone())
-    }
-}
-
-/// A connection's listener slot and gauge, held by an upgraded tunnel, which also learns
-/// from it when the listener's drain timeout has passed.
-pub struct ConnectionHold(Arc<ConnState>);
-
-impl ConnectionHold {
-    /// Resolves when the listener closes its remaining connections (drain timeout) or is gone.
-    pub async fn closing(&self) {
-        let mut phase = self.0.phase.clone();
-        let _ = phase.wait_for(|p| *p == Phase::Closing).await;
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.idle_since.store(self.0.now(), Ordering::Relaxed);
-        }
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Protocol {
@@ -164,16 +54,7 @@ pub async fn serve(
     let settings = &ctx.settings;
     let gauge = settings.metrics.connections_active.clone();
     gauge.inc();
-    let state = Arc::new(ConnState {
-        epoch: Instant::now(),
-        in_flight: AtomicU32::new(0),
-        head_started: AtomicU64::new(0),
-        idle_since: AtomicU64::new(0),
-        write_blocked_since: AtomicU64::new(0),
-        _permit: permit,
-        gauge,
-        phase: phase.clone(),
-    });
+    let state = Arc::new(ConnState::new(permit, gauge, phase.clone()));
     let limit = settings
         .request_headers_timeout
         .unwrap_or(Duration::from_secs(3600));

@@ -1,4 +1,4 @@
-//! A listener's connection limit: a count of open connections against a maximum that a
+//! A connection limit (a listener's, the admin server's): a count of open connections against a maximum that a
 //! reload may lower below the count (new connections then wait for enough to close).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
