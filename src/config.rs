@@ -215,7 +215,13 @@ fn schema_via_tree(
             )]));
         }
     };
-    if value.is_null() {
+    // An empty document, or one that is only a tag on nothing, is an empty config (as the
+    // direct path reads it).
+    let untagged = match &value {
+        Value::Tagged(t) => &t.value,
+        v => v,
+    };
+    if untagged.is_null() || untagged.as_str() == Some("") {
         value = Value::Mapping(Default::default());
     }
     let source = SourceMap::parse(text);
@@ -486,6 +492,10 @@ mod tests {
         for case in cases {
             let text = format!("{base}{case}\n");
             direct_and_tree_agree(&text).unwrap_or_else(|e| panic!("{e}: {case}"));
+        }
+        // Found by the `config` fuzz target: a document that is only a tag.
+        for whole in ["!!3.-b", "!!str", "!foo", "''", "~"] {
+            direct_and_tree_agree(whole).unwrap_or_else(|e| panic!("{e}: {whole}"));
         }
     }
 

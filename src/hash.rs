@@ -25,3 +25,12 @@ pub fn mix(mut h: u64) -> u64 {
 pub fn hash_bytes(data: &[u8]) -> u64 {
     mix(fnv(FNV_OFFSET, data))
 }
+
+/// A digest of a value's `Hash` (std's SipHash with its fixed keys): the same within a build,
+/// which is all that comparing config versions in one process needs.
+pub fn digest<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}

@@ -148,7 +148,7 @@ fn route_table(
         .iter()
         .enumerate()
         .map(|(at, vh)| {
-            let source = digest(vh);
+            let source = crate::hash::digest(vh);
             let kept = old
                 .get(&source)
                 .filter(|v| v.resolves_as_before(known))
@@ -176,15 +176,6 @@ fn route_table(
         Some(table) if all_kept && *table.name == *rc.name => Arc::clone(table),
         _ => Arc::new(RouteTable::new(&rc.name, vhosts)),
     }
-}
-
-/// A digest of a virtual host's config (std's SipHash with its fixed keys: the same within
-/// a process, which is all a reload compares).
-fn digest(vh: &RawVirtualHost) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    vh.hash(&mut h);
-    h.finish()
 }
 
 fn route(

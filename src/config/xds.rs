@@ -75,7 +75,7 @@ mod tls;
 // === Public API ===
 
 /// remora's dynamic resources, converted from Envoy's.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Hash)]
 pub struct Dynamic {
     pub listeners: Vec<RawListener>,
     pub route_configs: Vec<RawRouteConfig>,
