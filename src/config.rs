@@ -9,6 +9,7 @@ pub mod duration;
 pub mod locate;
 pub mod raw;
 pub mod shown;
+mod strict;
 mod validate;
 pub mod watch;
 pub mod xds;
@@ -239,11 +240,6 @@ fn schema_via_tree(
             Err(e) => {
                 let mut path = segments(e.path());
                 let message = e.inner().to_string();
-                // The direct path reads a plain number or boolean where a string goes as
-                // its text (a name `1`); so does this one.
-                if message.ends_with("expected a string") && stringify_at(&mut value, &path) {
-                    continue;
-                }
                 let (message, hint, about_key) = explain(&message, &mut path);
                 let pos = if about_key {
                     source.locate_key(&path)
@@ -352,20 +348,6 @@ fn node_at<'v>(mut node: &'v mut Value, path: &[Seg]) -> Option<&'v mut Value> {
         };
     }
     Some(node)
-}
-
-/// Replaces a number or boolean at `path` with its text; false when there is none.
-fn stringify_at(value: &mut Value, path: &[Seg]) -> bool {
-    let Some(node) = node_at(value, path) else {
-        return false;
-    };
-    let text = match node {
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        _ => return false,
-    };
-    *node = Value::String(text);
-    true
 }
 
 /// Removes the value at `path` from a mapping; false when that is not possible.
@@ -488,10 +470,24 @@ mod tests {
             "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2, weight: 0x10}]}]",
             "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2}], protocol: 'http2'}]",
             "clusters: [{name: c, endpoints: [{address: 127.0.0.1:2}], unknown: 1}]",
+            "clusters: [{name: !foo c, endpoints: [{address: 127.0.0.1:2}]}]",
+            "clusters: [{name: c, endpoints: [{address: ~}]}]",
+            "clusters: [{name: c, endpoints: [{address: }]}]",
+            "clusters: [{name: c, endpoints: [{address: null}]}]",
+            "clusters: [{name: c, endpoints: [{address: '127.0.0.1:2'}], health_check: {path: ~}}]",
         ];
         for case in cases {
             let text = format!("{base}{case}\n");
             direct_and_tree_agree(&text).unwrap_or_else(|e| panic!("{e}: {case}"));
+        }
+        // A null, an empty value or a number where a string goes is an error on both paths
+        // (read straight from text, the scalar's text would have been taken: `value: ~`
+        // sent the header value `~`).
+        for bad in ["name: 1", "name: ~", "name: ", "name: true", "name: !foo c"] {
+            let text =
+                format!("{base}clusters: [{{{bad}, endpoints: [{{address: 127.0.0.1:2}}]}}]\n");
+            let errors = parse(&text, "t.yaml").expect_err(bad).to_string();
+            assert!(errors.contains("clusters[0].name"), "{bad}: {errors}");
         }
         // Found by the `config` fuzz target: a document that is only a tag.
         for whole in ["!!3.-b", "!!str", "!foo", "''", "~"] {

@@ -35,6 +35,8 @@ pub(crate) struct ConnState {
     /// Milliseconds since `epoch` (+1) since when writes to the client have been refused
     /// (its socket full: the client stopped reading); 0: writes are going through.
     write_blocked_since: AtomicU64,
+    /// Milliseconds since `epoch` (+1) when bytes last arrived from the client.
+    last_read: AtomicU64,
     _permit: ConnectionPermit,
     /// `remora_downstream_connections_active`, decreased when the state goes.
     gauge: IntGauge,
@@ -60,6 +62,7 @@ impl ConnState {
             head_started: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             write_blocked_since: AtomicU64::new(0),
+            last_read: AtomicU64::new(0),
             _permit: permit,
             gauge,
             phase,
@@ -94,12 +97,19 @@ impl ConnState {
         }
     }
 
-    /// How long the client has not been taking what is written to it.
+    /// Bytes arrived from the client.
+    pub(crate) fn on_bytes_in(&self) {
+        self.last_read.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// How long the client has taken nothing written to it and sent nothing either (a client
+    /// still uploading while it leaves the response unread is making progress).
     pub(crate) fn write_blocked_for(&self) -> Duration {
         let since = self.write_blocked_since.load(Ordering::Relaxed);
         if since == 0 {
             return Duration::ZERO;
         }
+        let since = since.max(self.last_read.load(Ordering::Relaxed));
         Duration::from_millis(self.now().saturating_sub(since))
     }
 

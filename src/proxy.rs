@@ -343,8 +343,16 @@ async fn send_with_retries(
         _retry_permit = Some(permit);
         cluster.metrics.retry(reason);
         drop(result);
-        // The backoff counts against the route timeout like the attempts do.
+        // The backoff counts against the route timeout like the attempts do, and against
+        // the stream idle timeout (nothing moves while it waits).
         let wake = tokio::time::Instant::now() + policy.backoff(retry);
+        if let Some((activity, limit)) = &target.idle {
+            let left = limit.saturating_sub(activity.idle_for());
+            if tokio::time::Instant::now() + left <= wake {
+                tokio::time::sleep(left).await;
+                return Err(ProxyError::StreamIdle(*limit));
+            }
+        }
         match target.deadline {
             Some((at, limit)) if at <= wake => {
                 tokio::time::sleep_until(at).await;
@@ -434,6 +442,9 @@ fn record_outcome(
         // upstream can be charged with.
         Err(ProxyError::Timeout(_) | ProxyError::PerTryTimeout(_) | ProxyError::StreamIdle(_))
             if target.client_stalled() => {}
+        // The stream went idle mostly before this attempt (an earlier one, a backoff): not
+        // this endpoint's doing.
+        Err(ProxyError::StreamIdle(limit)) if sent.elapsed() < *limit => {}
         // Refused by remora's own breaker, or a request remora could not send as it was:
         // the upstream never saw it.
         Err(ProxyError::Upstream(UpstreamError::Overflow(_))) => {}

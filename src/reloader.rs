@@ -233,6 +233,14 @@ impl Reloader {
                 return self.reject(trigger, hash, vec![error], false);
             }
         };
+        // A cluster this config brings made its series as it was built; if the config does
+        // not take effect, they go (a cluster that never ran has nothing to show).
+        let fresh: Vec<_> = next
+            .clusters
+            .iter()
+            .filter(|(name, _)| !current.clusters.contains_key(*name))
+            .map(|(_, c)| c.clone())
+            .collect();
         match self.swap(next).await {
             Ok(version) => {
                 self.static_text = applied_static;
@@ -250,7 +258,12 @@ impl Reloader {
                 tracing::info!(source = trigger.label(), version, %hash, took_ms, "config reloaded");
                 Outcome::Applied { version }
             }
-            Err((errors, transient)) => self.reject(trigger, hash, errors, transient),
+            Err((errors, transient)) => {
+                for c in fresh {
+                    c.metrics.remove();
+                }
+                self.reject(trigger, hash, errors, transient)
+            }
         }
     }
 
@@ -448,8 +461,11 @@ fn needs_restart(current: &Snapshot, next: &RawConfig, text: &str, file: &str) -
             .map_or(DEFAULT_ADMIN_ADDRESS.to_string(), |a| a.address.clone())
     };
     let mut problems = Vec::new();
-    let source = SourceMap::parse(text);
+    // Located only when there is something to say: a big config's source map costs more
+    // than the rest of a reload.
+    let mut source = None;
     let mut complain = |path: Vec<Seg>, message: String| {
+        let source = source.get_or_insert_with(|| SourceMap::parse(text));
         problems.push(
             ConfigError {
                 file: file.to_string(),

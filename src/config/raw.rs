@@ -48,11 +48,19 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawNode {
     /// Unique per sidecar. Default: the hostname (the pod name in Kubernetes).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub id: Option<String>,
     /// The service this sidecar belongs to; `remora control-plane` serving a directory
     /// serves `<cluster>.yaml` to it. Default: empty.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cluster: Option<String>,
 }
 
@@ -61,10 +69,18 @@ pub struct RawNode {
 #[serde(deny_unknown_fields)]
 pub struct RawXds {
     /// `host:port` of the control plane, spoken to as h2c gRPC (ADS). Or:
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub address: Option<String>,
     /// the name of a static cluster in this file whose first endpoint is the control plane.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cluster: Option<String>,
     /// `/ready` waits this long for the first complete config from the control plane, then
     /// says ready with what it has. Default `15s`.
@@ -72,7 +88,11 @@ pub struct RawXds {
     pub initial_fetch_timeout: Option<Dur>,
     /// Where the last accepted resources are kept, so that a restart while the control plane
     /// is down serves them at once. Default: none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cache_file: Option<String>,
 }
 
@@ -80,6 +100,7 @@ pub struct RawXds {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     /// `ip:port` to serve the admin endpoints on. Default `127.0.0.1:9901`; keep it on loopback.
+    #[serde(deserialize_with = "super::strict::string")]
     pub address: String,
     /// Most open admin connections; further ones are closed at accept. Default 64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,13 +143,16 @@ pub enum ListenerProtocol {
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     /// Unique name; used in metrics and logs.
+    #[serde(deserialize_with = "super::strict::string")]
     pub name: String,
     /// `ip:port` to accept on.
+    #[serde(deserialize_with = "super::strict::string")]
     pub address: String,
     /// `auto` (default), `http1` or `http2`.
     #[serde(default)]
     pub protocol: ListenerProtocol,
     /// Name of the route config that serves this listener's requests.
+    #[serde(deserialize_with = "super::strict::string")]
     pub route_config: String,
     /// Largest request head (request line and headers) in bytes; larger gets 431.
     /// Default 61440 (60 KiB).
@@ -177,6 +201,7 @@ pub struct RawListener {
 #[serde(deny_unknown_fields)]
 pub struct RawAccessLog {
     /// File to append to; `/dev/stdout` and `/dev/stderr` work.
+    #[serde(deserialize_with = "super::strict::string")]
     pub path: String,
 }
 
@@ -184,6 +209,7 @@ pub struct RawAccessLog {
 #[serde(deny_unknown_fields)]
 pub struct RawRouteConfig {
     /// Unique name, referenced by listeners.
+    #[serde(deserialize_with = "super::strict::string")]
     pub name: String,
     /// Virtual hosts, chosen by the request's authority.
     #[serde(default)]
@@ -194,9 +220,11 @@ pub struct RawRouteConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawVirtualHost {
     /// Name, for logs and `/config`.
+    #[serde(deserialize_with = "super::strict::string")]
     pub name: String,
     /// Authorities served: `orders` (exact), `*.svc.local` (suffix), `orders.*` (prefix) or
     /// `*`. Case-insensitive; the request's port is ignored unless the domain has one.
+    #[serde(deserialize_with = "super::strict::strings")]
     pub domains: Vec<String>,
     /// Routes, tried in order; the first match wins.
     #[serde(default)]
@@ -215,15 +243,25 @@ pub struct RawVirtualHost {
 #[serde(deny_unknown_fields)]
 pub struct RawListenerTls {
     /// PEM certificate chain, leaf first.
+    #[serde(deserialize_with = "super::strict::string")]
     pub cert_file: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[serde(deserialize_with = "super::strict::string")]
     pub key_file: String,
     /// PEM CA bundle: clients must present a certificate it signed (mTLS). Default: none
     /// (no client certificate asked for).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub client_ca_file: Option<String>,
     /// ALPN protocols offered, in order of preference. Default `[h2, http/1.1]`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_strings",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub alpn: Option<Vec<String>>,
 }
 
@@ -233,20 +271,36 @@ pub struct RawListenerTls {
 pub struct RawClusterTls {
     /// Server name sent (SNI) and, without `verify_subject_alt_names`, checked against the
     /// certificate. Default: the endpoint's host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sni: Option<String>,
     /// PEM CA bundle that must have signed the endpoint's certificate. Required.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ca_file: Option<String>,
     /// PEM client certificate chain for mTLS. Default: none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cert_file: Option<String>,
     /// PEM private key of `cert_file`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub key_file: Option<String>,
     /// The endpoint's certificate must carry one of these as a URI or DNS SAN (e.g. a SPIFFE
     /// ID); then the SNI name is not checked. Default: check the SNI name.
-    #[serde(default)]
+    #[serde(deserialize_with = "super::strict::strings", default)]
     pub verify_subject_alt_names: Vec<String>,
 }
 
@@ -256,6 +310,7 @@ pub struct RawClusterTls {
 pub struct RawAuthorization {
     /// Peer principals admitted: the URI SAN (SPIFFE ID) of the client certificate, else its
     /// first DNS SAN. Exact, or a prefix ending in `*`. Others, and plain-text peers, get 403.
+    #[serde(deserialize_with = "super::strict::strings")]
     pub principals: Vec<String>,
 }
 
@@ -263,13 +318,21 @@ pub struct RawAuthorization {
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     /// Name, used as the `route` field in access logs. Default: `<virtual host>/<index>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<String>,
     /// What the request must look like.
     #[serde(rename = "match")]
     pub route_match: RawRouteMatch,
     /// Action: send to this cluster.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cluster: Option<String>,
     /// Action: split between clusters in proportion to their weights (sum > 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -278,22 +341,30 @@ pub struct RawRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_response: Option<RawDirectResponse>,
     /// Replace the matched `prefix` with this before forwarding.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub prefix_rewrite: Option<String>,
     /// Replace the Host/authority with this before forwarding. Default: keep it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub host_rewrite: Option<String>,
     /// Headers added to the request before forwarding.
     #[serde(default)]
     pub request_headers_to_add: Vec<RawHeaderValue>,
     /// Headers removed from the request before forwarding.
-    #[serde(default)]
+    #[serde(deserialize_with = "super::strict::strings", default)]
     pub request_headers_to_remove: Vec<String>,
     /// Headers added to the response.
     #[serde(default)]
     pub response_headers_to_add: Vec<RawHeaderValue>,
     /// Headers removed from the response.
-    #[serde(default)]
+    #[serde(deserialize_with = "super::strict::strings", default)]
     pub response_headers_to_remove: Vec<String>,
     /// Time until the upstream's response headers arrive, covering every attempt and the
     /// backoff between them; 504 after. Default `15s`; `0` = none.
@@ -318,6 +389,7 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub struct RawUpgradeConfig {
     /// The `Upgrade` protocol name, case-insensitive, e.g. `websocket`.
+    #[serde(deserialize_with = "super::strict::string")]
     pub upgrade_type: String,
     /// Default `true`.
     #[serde(default = "enabled_by_default")]
@@ -336,7 +408,7 @@ pub struct RawRetryPolicy {
     /// `retriable-4xx`, `retriable-status-codes`, and from `grpc-status` in response
     /// headers: `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
     /// `unavailable`. At least one is required.
-    #[serde(default)]
+    #[serde(deserialize_with = "super::strict::strings", default)]
     pub retry_on: Vec<String>,
     /// Retries after the first attempt. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -375,16 +447,32 @@ pub struct RawBackoff {
 #[serde(deny_unknown_fields)]
 pub struct RawRouteMatch {
     /// Path starts with this (query string excluded).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub prefix: Option<String>,
     /// Path equals this (query string excluded).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub path: Option<String>,
     /// Whole path matches this regex (query string excluded).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub regex: Option<String>,
     /// Request method is one of these. Default: any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_strings",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub methods: Option<Vec<String>>,
     /// Every one of these header matchers must match.
     #[serde(default)]
@@ -395,21 +483,42 @@ pub struct RawRouteMatch {
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderMatcher {
     /// Header name (case-insensitive).
+    #[serde(deserialize_with = "super::strict::string")]
     pub name: String,
     /// Value equals this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub exact: Option<String>,
     /// Value starts with this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub prefix: Option<String>,
     /// Value ends with this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub suffix: Option<String>,
     /// Value contains this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub contains: Option<String>,
     /// Whole value matches this regex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub regex: Option<String>,
     /// `true`: the header is present; `false`: it is absent. The default when no other
     /// matcher is given is `present: true`.
@@ -424,6 +533,7 @@ pub struct RawHeaderMatcher {
 #[serde(deny_unknown_fields)]
 pub struct RawWeightedCluster {
     /// Cluster name.
+    #[serde(deserialize_with = "super::strict::string")]
     pub name: String,
     /// Relative weight; 0 takes no traffic.
     pub weight: u32,
@@ -435,7 +545,11 @@ pub struct RawDirectResponse {
     /// Status code, 200 to 599.
     pub status: u16,
     /// Body. Default: empty.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub body: Option<String>,
 }
 
@@ -443,8 +557,10 @@ pub struct RawDirectResponse {
 #[serde(deny_unknown_fields)]
 pub struct RawHeaderValue {
     /// Header name.
+    #[serde(deserialize_with = "super::strict::string")]
     pub name: String,
     /// Header value.
+    #[serde(deserialize_with = "super::strict::string")]
     pub value: String,
     /// `true` (default): add beside existing values; `false`: replace them.
     #[serde(default = "default_true")]
@@ -492,7 +608,11 @@ pub enum LbPolicy {
 #[serde(deny_unknown_fields)]
 pub struct HashOn {
     /// Header to hash. Default: none (hash the client address).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub header: Option<String>,
 }
 
@@ -515,6 +635,7 @@ pub enum UpstreamProtocol {
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     /// Unique name, referenced by routes.
+    #[serde(deserialize_with = "super::strict::string")]
     pub name: String,
     /// `static` (default) or `strict_dns`.
     #[serde(default, rename = "type")]
@@ -653,10 +774,18 @@ pub struct RawHealthCheck {
     #[serde(default)]
     pub protocol: HealthCheckProtocol,
     /// HTTP path. Default `/`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub path: Option<String>,
     /// HTTP Host header. Default: the cluster name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        deserialize_with = "super::strict::opt_string",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub host: Option<String>,
     /// Statuses that pass. Default: any 2xx.
     #[serde(default)]
@@ -679,6 +808,7 @@ pub struct RawHealthCheck {
 #[serde(deny_unknown_fields)]
 pub struct RawEndpoint {
     /// `ip:port`, or `host:port` for `strict_dns`.
+    #[serde(deserialize_with = "super::strict::string")]
     pub address: String,
     /// Relative weight, 1 to 10000. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -327,8 +327,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.heads && matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.state.on_read();
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.on_bytes_in();
+            if self.heads {
+                self.state.on_read();
+            }
         }
         polled
     }

@@ -217,4 +217,26 @@ async fn cluster_series_live_and_leave_with_their_cluster() {
     let text = metrics().await;
     assert_eq!(series(&text, "up"), Vec::<String>::new(), "{text}");
     assert!(!series(&text, "spare").is_empty());
+
+    // A config that brings a cluster but cannot take effect (its new listener's address is
+    // taken) leaves none of that cluster's series behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ghost = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc }}\n\
+         \x20 - {{ name: extra, address: \"{}\", route_config: rc }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n{}\n\
+         clusters:\n{}{}",
+        taken.local_addr().unwrap(),
+        one_route("cluster: spare"),
+        cluster("spare", &[(up.port(), 1)], ""),
+        cluster("ghost", &[(up.port(), 1)], "")
+    );
+    let outcome = p.app.apply(ghost, "test.yaml").await;
+    assert!(
+        matches!(outcome, remora::reloader::Outcome::Failed(_)),
+        "{outcome:?}"
+    );
+    let text = metrics().await;
+    assert_eq!(series(&text, "ghost"), Vec::<String>::new(), "{text}");
 }

@@ -353,3 +353,31 @@ fn addresses_the_properties_found_are_refused() {
         "a good strict_dns cluster refused:\n{text}"
     );
 }
+
+/// Every input a fuzz target ever crashed on (`fuzz/regressions/<target>-*`), replayed with
+/// the target's checks: the config ones through parsing and the two deserialization paths.
+#[test]
+fn fuzz_regressions_stay_fixed() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&path).unwrap();
+        if let (Some(_), Ok(text)) = (name.strip_prefix("config-"), std::str::from_utf8(&bytes)) {
+            if let Err(errors) = remora::config::parse(text, "fuzz.yaml") {
+                assert!(
+                    errors.0.iter().all(|e| !e.message.trim().is_empty()),
+                    "{name}"
+                );
+            }
+            remora::config::direct_and_tree_agree(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            replayed += 1;
+        }
+    }
+    assert!(
+        replayed >= 2,
+        "only {replayed} regressions found in {}",
+        dir.display()
+    );
+}
