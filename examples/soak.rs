@@ -36,6 +36,9 @@ const CONNECTIONS: usize = 20;
 
 #[derive(Default)]
 struct Counts {
+    /// Each failure's kind (status and `x-remora-error`, or how the connection broke) and
+    /// the minute it happened.
+    failures: std::sync::Mutex<Vec<(f64, String)>>,
     ok: AtomicU64,
     failed: AtomicU64,
     ws_ok: AtomicU64,
@@ -43,6 +46,17 @@ struct Counts {
     grpc_ok: AtomicU64,
     grpc_failed: AtomicU64,
     reloads: AtomicU64,
+    started: Option<Instant>,
+}
+
+impl Counts {
+    fn fail(&self, kind: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let minute = self
+            .started
+            .map_or(0.0, |s| s.elapsed().as_secs_f64() / 60.0);
+        self.failures.lock().expect("lock").push((minute, kind));
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +101,10 @@ async fn main() {
     let pid = remora.0.id();
     wait_ready(admin).await;
 
-    let counts = Arc::new(Counts::default());
+    let counts = Arc::new(Counts {
+        started: Some(Instant::now()),
+        ..Counts::default()
+    });
     let started = Instant::now();
     let end = started + length;
 
@@ -386,7 +403,7 @@ fn load(
                         sender = connect(port).await;
                     }
                     let Some(s) = sender.as_mut() else {
-                        counts.failed.fetch_add(1, Ordering::Relaxed);
+                        counts.fail("could not connect".into());
                         continue;
                     };
                     let req = http::Request::get("/")
@@ -403,11 +420,19 @@ fn load(
                             counts.ok.fetch_add(1, Ordering::Relaxed);
                         }
                         Some(resp) => {
+                            let kind = format!(
+                                "{} {}",
+                                resp.status().as_u16(),
+                                resp.headers()
+                                    .get("x-remora-error")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("(from the upstream)")
+                            );
                             let _ = resp.into_body().collect().await;
-                            counts.failed.fetch_add(1, Ordering::Relaxed);
+                            counts.fail(kind);
                         }
                         None => {
-                            counts.failed.fetch_add(1, Ordering::Relaxed);
+                            counts.fail("connection broke".into());
                             sender = None;
                         }
                     }
@@ -642,8 +667,19 @@ fn report(
         get(&counts.grpc_ok),
         get(&counts.grpc_failed)
     );
-    // Slopes after the first two minutes (pools, caches and the allocator settle).
-    let settled: Vec<&Sample> = samples.iter().filter(|s| s.minute >= 2.0).collect();
+    let failures = counts.failures.lock().expect("lock");
+    if !failures.is_empty() {
+        println!("\nEach failed request (minute: status and marker, or what broke):\n");
+        for (minute, kind) in failures.iter() {
+            println!("- {minute:.2}: {kind}");
+        }
+    }
+    // Slopes after the first two minutes (pools, caches and the allocator settle), up to
+    // the last sample under load.
+    let settled: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.minute >= 2.0 && s.minute <= minutes)
+        .collect();
     let line = |f: fn(&Sample) -> f64| -> Vec<(f64, f64)> {
         settled.iter().map(|s| (s.minute, f(s))).collect()
     };
