@@ -68,8 +68,47 @@ fn is_sensitive_header(name: &str) -> bool {
         name.as_str(),
         "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
     ) || [
-        "token", "secret", "password", "api-key", "apikey", "auth", "session",
+        "token",
+        "secret",
+        "password",
+        "key",
+        "auth",
+        "session",
+        "jwt",
+        "credential",
+        "signature",
+        "bearer",
     ]
     .iter()
     .any(|word| name.contains(word))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names the README promises to redact (the list had drifted from the code).
+    #[test]
+    fn credential_header_names_are_sensitive() {
+        for name in [
+            "Authorization",
+            "proxy-authorization",
+            "cookie",
+            "set-cookie",
+            "x-api-key",
+            "x-auth-token",
+            "x-session-id",
+            "x-jwt-assertion",
+            "x-client-credential",
+            "x-amz-signature",
+            "x-bearer",
+            "x-db-password",
+            "x-secret",
+        ] {
+            assert!(is_sensitive_header(name), "{name}");
+        }
+        for name in ["x-tenant", "content-type", "x-request-id", "user-agent"] {
+            assert!(!is_sensitive_header(name), "{name}");
+        }
+    }
 }
