@@ -157,11 +157,15 @@ fn route_table(
                 .as_ref()
                 .is_some_and(|k| before.is_some_and(|t| Arc::ptr_eq(k, &t.virtual_hosts()[at])));
             let compiled = kept.unwrap_or_else(|| {
+                let inherited = vh
+                    .retry_policy
+                    .as_ref()
+                    .map(|p| Arc::new(RetryPolicy::new(p)));
                 let routes = vh
                     .routes
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| route(vh, i, r, clusters))
+                    .map(|(i, r)| route(vh, &inherited, i, r, clusters))
                     .collect();
                 Arc::new(VirtualHost {
                     name: vh.name.as_str().into(),
@@ -180,6 +184,7 @@ fn route_table(
 
 fn route(
     vhost: &RawVirtualHost,
+    inherited: &Option<Arc<RetryPolicy>>,
     index: usize,
     r: &RawRoute,
     clusters: &BTreeMap<String, Arc<Cluster>>,
@@ -232,7 +237,7 @@ fn route(
         host_rewrite: r
             .host_rewrite
             .as_ref()
-            .map(|h| HeaderValue::from_str(h).expect("validated host")),
+            .map(|h| Box::new(HeaderValue::from_str(h).expect("validated host"))),
         request_headers_to_add: r.request_headers_to_add.iter().map(header_op).collect(),
         request_headers_to_remove: r
             .request_headers_to_remove
@@ -249,11 +254,10 @@ fn route(
             let t = r.timeout.map_or(DEFAULT_ROUTE_TIMEOUT, |d| d.0);
             (!t.is_zero()).then_some(t)
         },
-        retry_policy: r
-            .retry_policy
-            .as_ref()
-            .or(vhost.retry_policy.as_ref())
-            .map(RetryPolicy::new),
+        retry_policy: match &r.retry_policy {
+            Some(own) => Some(Arc::new(RetryPolicy::new(own))),
+            None => inherited.clone(),
+        },
         principals: r
             .authorization
             .as_ref()

@@ -33,13 +33,13 @@ pub struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xds: Option<RawXds>,
     /// Where remora accepts connections.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<RawListener>,
     /// Route tables, referenced by listeners by name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub route_configs: Vec<RawRouteConfig>,
     /// Upstream services, referenced by routes by name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<RawCluster>,
 }
 
@@ -212,7 +212,7 @@ pub struct RawRouteConfig {
     #[serde(deserialize_with = "super::strict::string")]
     pub name: String,
     /// Virtual hosts, chosen by the request's authority.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub virtual_hosts: Vec<RawVirtualHost>,
 }
 
@@ -227,7 +227,7 @@ pub struct RawVirtualHost {
     #[serde(deserialize_with = "super::strict::strings")]
     pub domains: Vec<String>,
     /// Routes, tried in order; the first match wins.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RawRoute>,
     /// Retry policy for routes that set none. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -300,7 +300,11 @@ pub struct RawClusterTls {
     pub key_file: Option<String>,
     /// The endpoint's certificate must carry one of these as a URI or DNS SAN (e.g. a SPIFFE
     /// ID); then the SNI name is not checked. Default: check the SNI name.
-    #[serde(deserialize_with = "super::strict::strings", default)]
+    #[serde(
+        deserialize_with = "super::strict::strings",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub verify_subject_alt_names: Vec<String>,
 }
 
@@ -355,16 +359,24 @@ pub struct RawRoute {
     )]
     pub host_rewrite: Option<String>,
     /// Headers added to the request before forwarding.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub request_headers_to_add: Vec<RawHeaderValue>,
     /// Headers removed from the request before forwarding.
-    #[serde(deserialize_with = "super::strict::strings", default)]
+    #[serde(
+        deserialize_with = "super::strict::strings",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub request_headers_to_remove: Vec<String>,
     /// Headers added to the response.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub response_headers_to_add: Vec<RawHeaderValue>,
     /// Headers removed from the response.
-    #[serde(deserialize_with = "super::strict::strings", default)]
+    #[serde(
+        deserialize_with = "super::strict::strings",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub response_headers_to_remove: Vec<String>,
     /// Time until the upstream's response headers arrive, covering every attempt and the
     /// backoff between them; 504 after. Default `15s`; `0` = none.
@@ -377,7 +389,7 @@ pub struct RawRoute {
     /// `upgrade_configs`. Default: `websocket` only. An entry enables (or, with
     /// `enabled: false`, disables) one protocol; any other upgrade request is forwarded as a
     /// plain request without its `Upgrade` headers (h2c is never tunnelled).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upgrade_configs: Vec<RawUpgradeConfig>,
     /// Who may use this route; overrides the virtual host's. Default: the virtual host's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -408,7 +420,11 @@ pub struct RawRetryPolicy {
     /// `retriable-4xx`, `retriable-status-codes`, and from `grpc-status` in response
     /// headers: `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
     /// `unavailable`. At least one is required.
-    #[serde(deserialize_with = "super::strict::strings", default)]
+    #[serde(
+        deserialize_with = "super::strict::strings",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub retry_on: Vec<String>,
     /// Retries after the first attempt. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -417,7 +433,7 @@ pub struct RawRetryPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_timeout: Option<Dur>,
     /// Status codes retried under `retriable-status-codes`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retriable_status_codes: Vec<u16>,
     /// Full-jitter exponential backoff between attempts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -475,7 +491,7 @@ pub struct RawRouteMatch {
     )]
     pub methods: Option<Vec<String>>,
     /// Every one of these header matchers must match.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<RawHeaderMatcher>,
 }
 
@@ -650,7 +666,7 @@ pub struct RawCluster {
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     /// The endpoints.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<RawEndpoint>,
     /// Time allowed to open a TCP connection to an endpoint. Default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -788,7 +804,7 @@ pub struct RawHealthCheck {
     )]
     pub host: Option<String>,
     /// Statuses that pass. Default: any 2xx.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expected_statuses: Vec<u16>,
     /// Time between checks (each with up to 10% jitter). Default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -81,10 +81,22 @@ fn changed(path: &Path, last: &mut Option<String>) -> bool {
     }
 }
 
+/// The file's [`crate::config::hash`], read in chunks: polling a big config every few
+/// seconds should not allocate its whole text each time.
 fn content_hash(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|t| crate::config::hash(&t))
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut buf = [0u8; 64 * 1024];
+    let mut h = crate::hash::FNV_OFFSET;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h = crate::hash::fnv(h, &buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+    Some(format!("{:016x}", crate::hash::mix(h)))
 }
 
 /// Watches the file's directory, and the directory of the file it links to, if any. Only
@@ -153,6 +165,18 @@ fn parent(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
+
+    /// Hashed in chunks, the file hashes as its text does (the config in force is known by
+    /// the hash of its text).
+    #[test]
+    fn the_chunked_hash_is_the_text_hash() {
+        let text: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        let path = std::env::temp_dir().join(format!("remora-hash-{}.yaml", std::process::id()));
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(content_hash(&path), Some(crate::config::hash(&text)));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(content_hash(&path), None);
+    }
 
     fn event(kind: EventKind, paths: &[&Path]) -> notify::Event {
         let mut e = notify::Event::new(kind);
