@@ -189,10 +189,13 @@ async fn main() {
         &counts,
         minutes,
         rate,
-        applied,
-        ejections,
-        health_failures,
-        (retry_overflow, budget_exhausted),
+        &Totals {
+            applied,
+            ejections,
+            health_failures,
+            retry_overflow,
+            budget_exhausted,
+        },
     );
 }
 
@@ -644,16 +647,23 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     }
 }
 
-fn report(
-    samples: &[Sample],
-    counts: &Counts,
-    minutes: f64,
-    rate: f64,
+/// What remora's own metrics said at the end.
+struct Totals {
     applied: f64,
     ejections: f64,
     health_failures: f64,
-    (retry_overflow, budget_exhausted): (f64, f64),
-) {
+    retry_overflow: f64,
+    budget_exhausted: f64,
+}
+
+fn report(samples: &[Sample], counts: &Counts, minutes: f64, rate: f64, totals: &Totals) {
+    let Totals {
+        applied,
+        ejections,
+        health_failures,
+        retry_overflow,
+        budget_exhausted,
+    } = totals;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!("## Soak: {minutes} min at {rate} req/s\n");
     println!("| what | count |\n|---|---|");
