@@ -79,7 +79,7 @@ pub(crate) fn spawn(
         admin,
         subscriptions: subscriptions_tx,
         cache_file: xds.cache_file.as_ref().map(PathBuf::from),
-        in_force: Resources::default(),
+        in_force: None,
         static_eds,
         warming: 0,
         retry: None,
@@ -118,9 +118,10 @@ struct Feed {
     metrics: Arc<Metrics>,
     admin: Arc<AdminState>,
     subscriptions: watch::Sender<Subscriptions>,
-    /// What is in force: the accepted resources, with the previous version of a listener
-    /// whose new route config has not come yet.
-    in_force: Resources,
+    /// What is in force when it differs from `accepted`: the accepted resources, with the
+    /// previous version of a listener whose new route config has not come yet. `None` most
+    /// of the time: a big mesh's resources are not kept twice.
+    in_force: Option<Resources>,
     /// The static config's `type: eds` clusters, fed by EDS too.
     static_eds: BTreeSet<String>,
     /// Where accepted resources are kept for the next start.
@@ -137,6 +138,11 @@ struct Feed {
 }
 
 impl Feed {
+    /// The resources in force (see `in_force`).
+    fn in_force(&self) -> &Resources {
+        self.in_force.as_ref().unwrap_or(&self.accepted)
+    }
+
     async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         self.load_cache().await;
         let mut retry_timer =
@@ -226,7 +232,7 @@ impl Feed {
         };
         // What is in force, not what was accepted: a listener still warming has its previous
         // version there, which a restart can serve at once.
-        let (path, bytes) = (path.clone(), self.in_force.to_bytes());
+        let (path, bytes) = (path.clone(), self.in_force().to_bytes());
         // On a blocking thread (a big config is megabytes), and finished before the update is
         // answered: the cache never lags behind what was acknowledged.
         let write = tokio::task::spawn_blocking(move || {
@@ -294,7 +300,7 @@ impl Feed {
                 if ready(l) {
                     return Some(l.clone());
                 }
-                self.in_force
+                self.in_force()
                     .listeners
                     .iter()
                     .find(|old| old.name == l.name && ready(old))
@@ -351,8 +357,9 @@ impl Feed {
         serving
             .endpoints
             .retain(|e| keep.endpoints.contains(&e.cluster_name));
+        // Route configs and assignments were kept alike in both: only listeners can differ.
+        self.in_force = (serving.listeners != next.listeners).then_some(serving);
         self.accepted = next;
-        self.in_force = serving;
         self.subscriptions.send_replace(keep);
         Ok(())
     }
