@@ -144,9 +144,18 @@ fn relevant_names(path: &Path) -> Vec<std::ffi::OsString> {
     names
 }
 
-/// Whether an event may concern the config: it names one of `relevant`, or names nothing
-/// (a rescan or an overflowed queue, after which anything may have changed).
+/// Whether an event may concern the config: it changes something (reads do not: every check
+/// reads the file, so passing its own reads on would keep the watcher reading) and names one
+/// of `relevant`, or names nothing (a rescan or an overflowed queue, after which anything may
+/// have changed).
 fn concerns(event: &notify::Event, relevant: &[std::ffi::OsString]) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    if let EventKind::Access(access) = event.kind {
+        // Of the access events only a close after writing (IN_CLOSE_WRITE) is a change.
+        if access != AccessKind::Close(AccessMode::Write) {
+            return false;
+        }
+    }
     event.paths.is_empty()
         || event.paths.iter().any(|p| {
             p.file_name()
@@ -218,6 +227,60 @@ mod tests {
             ),
             &names
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Reading the file is not a change: remora's own reads (each check hashes the file)
+    /// raise open and close events, and passing them on made the watcher read and hash the
+    /// whole config every debounce period, forever.
+    #[test]
+    fn reading_the_config_is_not_a_change() {
+        use notify::event::{AccessKind, AccessMode};
+        let path = Path::new("/etc/remora/remora.yaml");
+        let names = relevant_names(path);
+        for read in [
+            AccessKind::Open(AccessMode::Any),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Any,
+        ] {
+            assert!(
+                !concerns(&event(EventKind::Access(read), &[path]), &names),
+                "{read:?}"
+            );
+        }
+        // A file closed after writing is a change (IN_CLOSE_WRITE).
+        let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(concerns(&event(written, &[path]), &names));
+    }
+
+    /// Black box: once started, a watcher on an unchanged file reads it at most a few times
+    /// (its first check and a poll), not over and over.
+    #[tokio::test]
+    async fn an_unchanged_file_is_not_read_again_and_again() {
+        fn bytes_read() -> u64 {
+            let io = std::fs::read_to_string("/proc/self/io").unwrap();
+            io.lines()
+                .find_map(|l| l.strip_prefix("rchar: "))
+                .unwrap()
+                .parse()
+                .unwrap()
+        }
+        let dir = std::env::temp_dir().join(format!("remora-reads-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("remora.yaml");
+        let size = 4 << 20;
+        std::fs::write(&path, "#".repeat(size)).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let before = bytes_read();
+        spawn(path.clone(), crate::config::hash("#"), tx);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let read = bytes_read() - before;
+        assert!(
+            read < 3 * size as u64,
+            "the watcher read {} MiB of a 4 MiB file in 1.5 s",
+            read >> 20
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
