@@ -113,7 +113,15 @@ async fn serve_connection(
 ) {
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(route(&state, req)) }
+        async move {
+            let resp = match req.uri().path() {
+                "/config" if req.method() == Method::GET || req.method() == Method::HEAD => {
+                    config(state).await
+                }
+                _ => route(&state, req),
+            };
+            Ok::<_, Infallible>(resp)
+        }
     });
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Active::new(stream, activity.clone()));
@@ -161,20 +169,6 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
             }
         }
-        "/config" => {
-            let snap = state.store.load();
-            let last_rejected = state.last_rejected.lock().expect("admin lock").clone();
-            let xds_versions = state.xds_versions.lock().expect("admin lock").clone();
-            json_response(&ConfigView {
-                version: snap.version,
-                source: &snap.source,
-                hash: &snap.hash,
-                loaded_at: rfc3339(snap.loaded_at),
-                config: &snap.shown,
-                last_rejected,
-                xds_versions,
-            })
-        }
         "/clusters" => {
             let snap = state.store.load();
             let clusters: Vec<_> = snap
@@ -217,6 +211,36 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// `/config`: the config in force, read again from its text on a blocking thread (for a
+/// big mesh that takes as long as a reload's parse, and must not hold up a worker).
+async fn config(state: Arc<AdminState>) -> Response<Body> {
+    let snap = state.store.load();
+    let written = snap.written.clone();
+    let shown =
+        match tokio::task::spawn_blocking(move || crate::config::shown::render(&written)).await {
+            Ok(Ok(shown)) => shown,
+            Ok(Err(e)) => {
+                let message = format!("cannot show the config in force: {e}\n");
+                return text(StatusCode::INTERNAL_SERVER_ERROR, message);
+            }
+            Err(e) => {
+                let message = format!("cannot show the config in force: {e}\n");
+                return text(StatusCode::INTERNAL_SERVER_ERROR, message);
+            }
+        };
+    let last_rejected = state.last_rejected.lock().expect("admin lock").clone();
+    let xds_versions = state.xds_versions.lock().expect("admin lock").clone();
+    json_response(&ConfigView {
+        version: snap.version,
+        source: &snap.source,
+        hash: &snap.hash,
+        loaded_at: rfc3339(snap.loaded_at),
+        config: &shown,
+        last_rejected,
+        xds_versions,
+    })
+}
+
 fn text(status: StatusCode, body_text: String) -> Response<Body> {
     let mut resp = Response::new(body::full(body_text));
     *resp.status_mut() = status;
@@ -230,7 +254,7 @@ struct ConfigView<'a> {
     source: &'a str,
     hash: &'a str,
     loaded_at: String,
-    /// Rendered at load, compact.
+    /// Compact, as [`crate::config::shown::render`] writes it.
     config: &'a serde_json::value::RawValue,
     last_rejected: Option<Rejection>,
     xds_versions: std::collections::BTreeMap<&'static str, String>,

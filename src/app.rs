@@ -96,6 +96,11 @@ fn spawn_tls_file_watch(store: Arc<SnapshotStore>, control: mpsc::Sender<Command
     });
 }
 
+/// The config text in force, shared with the snapshot rather than copied.
+fn snapshot_text(store: &SnapshotStore) -> Arc<str> {
+    store.load().written.text.clone()
+}
+
 impl App {
     /// Starts serving a validated config, parsed from `text`.
     pub async fn start(raw: RawConfig, source: ConfigSource, text: &str) -> io::Result<App> {
@@ -104,6 +109,7 @@ impl App {
             version: 1,
             source: source.name(),
             hash: crate::config::hash_with_files(text, raw.tls_files_digest()),
+            written: crate::config::Written::text(text),
         };
         let xds = raw.xds.clone().map(|x| (x, raw.clone()));
         let snapshot = compile(raw, origin, &metrics, None);
@@ -145,7 +151,7 @@ impl App {
                 ConfigSource::File(p) => Some(p.clone()),
                 ConfigSource::Inline(_) => None,
             },
-            static_text: (text.to_string(), source.name()),
+            static_text: (snapshot_text(&store), source.name()),
             dynamic: None,
             addresses: addresses_tx,
         };
@@ -191,11 +197,11 @@ impl App {
 
     /// Applies config text from a caller, as a reload would a file.
     pub async fn apply(&self, text: String, name: &str) -> Outcome {
-        self.command(Trigger::Api, Some((text, name.to_string())))
+        self.command(Trigger::Api, Some((text.into(), name.to_string())))
             .await
     }
 
-    async fn command(&self, trigger: Trigger, text: Option<(String, String)>) -> Outcome {
+    async fn command(&self, trigger: Trigger, text: Option<(Arc<str>, String)>) -> Outcome {
         let (reply, answer) = oneshot::channel();
         let cmd = Command::Reload {
             trigger,

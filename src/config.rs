@@ -16,6 +16,7 @@ pub mod xds;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_yaml_ng::Value;
 
@@ -126,33 +127,11 @@ fn parse_checked(
             did_you_mean,
         }
     };
-    // The common case first: the text straight into the schema, with no YAML tree, no
-    // copy of it and no source map (for a big mesh they cost several times the config).
-    // Only a config with problems pays for locating them.
-    let (mut raw, mut source) = match serde_yaml_ng::from_str::<RawConfig>(text) {
-        Ok(raw) => (raw, None),
-        Err(_) => {
-            let (raw, source) = schema_via_tree(text, &at, files)?;
-            (raw, Some(source))
-        }
-    };
-    let statics = [
-        raw.listeners.len(),
-        raw.route_configs.len(),
-        raw.clusters.len(),
-    ];
-    if let Some(d) = dynamic {
-        for c in raw.clusters.iter_mut() {
-            if c.discovery == raw::DiscoveryType::Eds {
-                if let Some(endpoints) = d.assignments.get(&c.name) {
-                    c.endpoints = endpoints.clone();
-                }
-            }
-        }
-        raw.listeners.extend(d.listeners.iter().cloned());
-        raw.route_configs.extend(d.route_configs.iter().cloned());
-        raw.clusters.extend(d.clusters.iter().cloned());
-    }
+    let Read {
+        raw,
+        mut source,
+        statics,
+    } = read(text, dynamic, &at, files)?;
     let problems = validate::validate(&raw, statics[1], files);
     if problems.is_empty() {
         return Ok(raw);
@@ -188,6 +167,92 @@ fn parse_checked(
             })
             .collect(),
     ))
+}
+
+/// A config as written: its text and the control plane's resources added to it. The running
+/// config keeps this, not the parsed route configs (compiled into route tables, they would be
+/// the biggest thing it holds twice); `/config` reads it again on request.
+#[derive(Clone)]
+pub struct Written {
+    pub text: Arc<str>,
+    pub dynamic: Option<Arc<xds::Dynamic>>,
+}
+
+impl Written {
+    /// Text alone (no control plane).
+    pub fn text(text: &str) -> Written {
+        Written {
+            text: text.into(),
+            dynamic: None,
+        }
+    }
+}
+
+/// A config read into the schema, before validation.
+struct Read {
+    raw: RawConfig,
+    /// Built only when a problem had to be located on the way.
+    source: Option<SourceMap>,
+    /// How many listeners, route configs and clusters the text itself defines (the
+    /// dynamic resources come after them).
+    statics: [usize; 3],
+}
+
+/// Reads config text into the schema and adds `dynamic`'s resources: EDS endpoints to the
+/// static `type: eds` clusters, and the rest after the static ones.
+fn read(
+    text: &str,
+    dynamic: Option<&xds::Dynamic>,
+    at: &Place<'_>,
+    files: validate::TlsFiles,
+) -> Result<Read, ConfigErrors> {
+    // The common case first: the text straight into the schema, with no YAML tree, no
+    // copy of it and no source map (for a big mesh they cost several times the config).
+    // Only a config with problems pays for locating them.
+    let (mut raw, source) = match serde_yaml_ng::from_str::<RawConfig>(text) {
+        Ok(raw) => (raw, None),
+        Err(_) => {
+            let (raw, source) = schema_via_tree(text, at, files)?;
+            (raw, Some(source))
+        }
+    };
+    let statics = [
+        raw.listeners.len(),
+        raw.route_configs.len(),
+        raw.clusters.len(),
+    ];
+    if let Some(d) = dynamic {
+        for c in raw.clusters.iter_mut() {
+            if c.discovery == raw::DiscoveryType::Eds {
+                if let Some(endpoints) = d.assignments.get(&c.name) {
+                    c.endpoints = endpoints.clone();
+                }
+            }
+        }
+        raw.listeners.extend(d.listeners.iter().cloned());
+        raw.route_configs.extend(d.route_configs.iter().cloned());
+        raw.clusters.extend(d.clusters.iter().cloned());
+    }
+    Ok(Read {
+        raw,
+        source,
+        statics,
+    })
+}
+
+/// A config that is (or was) in force, read again as it was validated: for `/config`.
+pub fn reread(written: &Written) -> Result<RawConfig, ConfigErrors> {
+    let at = |pos: Option<Pos>, path: &[Seg], message: String, did_you_mean: Option<String>| {
+        ConfigError {
+            file: "<in force>".into(),
+            pos,
+            path: render_path(path),
+            message,
+            did_you_mean,
+        }
+    };
+    let dynamic = written.dynamic.as_deref();
+    Ok(read(&written.text, dynamic, &at, validate::TlsFiles::NameOnly)?.raw)
 }
 
 /// Makes a [`ConfigError`] at a position and field path, with a message and a hint.

@@ -66,7 +66,7 @@ pub(crate) enum Command {
     Reload {
         trigger: Trigger,
         /// Config text and the name to report it by; `None` reads the config file again.
-        text: Option<(String, String)>,
+        text: Option<(Arc<str>, String)>,
         reply: oneshot::Sender<Outcome>,
     },
     /// The config in force again, because a TLS file it names changed.
@@ -88,10 +88,11 @@ pub(crate) struct Reloader {
     pub admin: Arc<AdminState>,
     pub listeners: Vec<Listener>,
     pub file: Option<PathBuf>,
-    /// The static config text in force and its name (dynamic resources are added to it).
-    pub static_text: (String, String),
+    /// The static config text in force and its name (dynamic resources are added to it);
+    /// the text is the snapshot's own.
+    pub static_text: (Arc<str>, String),
     /// The resources from the control plane in force, if any.
-    pub dynamic: Option<Dynamic>,
+    pub dynamic: Option<Arc<Dynamic>>,
     /// Bound addresses by listener name, for callers that bind port 0.
     pub addresses: watch::Sender<HashMap<String, SocketAddr>>,
 }
@@ -126,7 +127,9 @@ impl Reloader {
                 }
                 Command::Dynamic { dynamic, reply } => {
                     let text = Some(self.static_text.clone());
-                    let outcome = self.reload(Trigger::Xds, text, Some(dynamic)).await;
+                    let outcome = self
+                        .reload(Trigger::Xds, text, Some(Arc::new(dynamic)))
+                        .await;
                     trim_after(&outcome);
                     let _ = reply.send(outcome);
                 }
@@ -151,8 +154,8 @@ impl Reloader {
     async fn reload(
         &mut self,
         trigger: Trigger,
-        text: Option<(String, String)>,
-        dynamic: Option<Dynamic>,
+        text: Option<(Arc<str>, String)>,
+        dynamic: Option<Arc<Dynamic>>,
     ) -> Outcome {
         let started = std::time::Instant::now();
         let (text, name) = match text {
@@ -160,7 +163,7 @@ impl Reloader {
             None => match &self.file {
                 None => return Outcome::Unchanged,
                 Some(path) => match std::fs::read_to_string(path) {
-                    Ok(t) => (t, path.display().to_string()),
+                    Ok(t) => (Arc::from(t), path.display().to_string()),
                     Err(e) => {
                         let error = format!("{}: cannot read config file: {e}", path.display());
                         return self.reject(trigger, String::new(), vec![error], true);
@@ -190,7 +193,7 @@ impl Reloader {
         // Parse, validate and compile cannot take the reloader down: a panic there (a bug)
         // rejects this config and leaves the running one, and the reloader, in place.
         let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let raw = config::parse_with(&text, &name, dynamic.as_ref())
+            let raw = config::parse_with(&text, &name, dynamic.as_deref())
                 .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
             let mut restart = needs_restart(&current, &raw, &text, &name);
             // The static `type: eds` clusters are subscribed to when the feed starts.
@@ -203,8 +206,8 @@ impl Reloader {
                     .collect()
             };
             if raw.xds.is_some()
-                && static_eds(&current.raw, self.dynamic.as_ref())
-                    != static_eds(&raw, dynamic.as_ref())
+                && static_eds(&current.raw, self.dynamic.as_deref())
+                    != static_eds(&raw, dynamic.as_deref())
             {
                 restart.push(format!(
                     "{name}: adding or removing a `type: eds` cluster in the file needs a restart (it is subscribed to at start)"
@@ -217,6 +220,10 @@ impl Reloader {
                 version: current.version + 1,
                 source: name,
                 hash: hash.clone(),
+                written: config::Written {
+                    text: text.clone(),
+                    dynamic: dynamic.clone(),
+                },
             };
             Ok(compile(raw, origin, &self.metrics, Some(&current)))
         }));

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::cluster::Cluster;
 use crate::config::raw::{ListenerProtocol, RawConfig};
+use crate::config::Written;
 use crate::metrics::ListenerMetrics;
 use crate::router::RouteTable;
 
@@ -55,12 +56,12 @@ pub struct Snapshot {
     /// Hash of the config text (hex), to tell versions apart and skip no-op reloads.
     pub hash: String,
     pub loaded_at: SystemTime,
-    /// The config as written, but for its route configs: those are compiled into the route
+    /// The config as read, but for its route configs: those are compiled into the route
     /// tables and not kept (for a big mesh they are most of it). For restart checks and the
-    /// TLS files; `shown` has the whole config.
+    /// TLS files.
     pub raw: RawConfig,
-    /// The whole config as `/config` shows it (see [`crate::config::shown`]).
-    pub shown: Box<serde_json::value::RawValue>,
+    /// The whole config as written, for `/config` (see [`crate::config::shown`]).
+    pub written: Written,
     pub admin_address: SocketAddr,
     pub workers: Option<usize>,
     pub listeners: Vec<ListenerSettings>,
@@ -78,7 +79,7 @@ impl Snapshot {
         source: String,
         hash: String,
         raw: RawConfig,
-        shown: Box<serde_json::value::RawValue>,
+        written: Written,
         admin_address: SocketAddr,
         workers: Option<usize>,
         listeners: Vec<ListenerSettings>,
@@ -95,7 +96,7 @@ impl Snapshot {
             hash,
             loaded_at: SystemTime::now(),
             raw,
-            shown,
+            written,
             admin_address,
             workers,
             listeners,

@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
                 version: 1,
                 source: "fuzz".into(),
                 hash: String::new(),
+                written: remora::config::Written::text(text),
             };
             compile(raw, origin, &remora::metrics::Metrics::new(), None);
         }

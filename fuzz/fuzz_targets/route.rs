@@ -24,6 +24,7 @@ fn snapshot() -> &'static Snapshot {
             version: 1,
             source: "fuzz".into(),
             hash: String::new(),
+            written: remora::config::Written::text(&text),
         };
         // A static, not a leaked box: LeakSanitizer reports the latter when the run ends.
         static METRICS: OnceLock<remora::metrics::Metrics> = OnceLock::new();

@@ -35,6 +35,8 @@ pub struct Origin {
     pub version: u64,
     pub source: String,
     pub hash: String,
+    /// The config as written, which `raw` was read from.
+    pub written: super::Written,
 }
 
 /// Compiles `raw`, which must have passed validation. A cluster whose config is unchanged
@@ -76,15 +78,14 @@ pub fn compile(
         .parse()
         .expect("validated admin address");
     let workers = raw.workers;
-    // Compiled, and shown in `shown`: the running config does not keep them twice.
-    let route_configs = std::mem::take(&mut raw.route_configs);
-    let shown = super::shown::render(&raw, route_configs);
+    // Compiled, and read again from `origin.written` for `/config`: not kept twice.
+    raw.route_configs = Vec::new();
     Snapshot::new(
         origin.version,
         origin.source,
         origin.hash,
         raw,
-        shown,
+        origin.written,
         admin_address,
         workers,
         listeners,
@@ -330,6 +331,7 @@ mod tests {
             version,
             source: "t".into(),
             hash: version.to_string(),
+            written: crate::config::Written::text(""),
         };
         compile(raw, origin, &Metrics::new(), previous)
     }

@@ -1,19 +1,23 @@
 //! The config as `/config` shows it: JSON, credentials redacted, unset fields left out;
-//! rendered once per load, so the running snapshot need not keep the parsed route configs.
+//! read again from the config as written on each request, so the running snapshot keeps
+//! neither the parsed route configs nor a rendering of them.
 
 use serde_json::value::RawValue;
 
-use super::raw::{RawConfig, RawHeaderMatcher, RawHeaderValue, RawRouteConfig};
+use super::raw::{RawHeaderMatcher, RawHeaderValue};
+use super::{ConfigErrors, Written};
 
 /// What a redacted header value reads as.
 pub const REDACTED: &str = "[redacted]";
 
-/// `head` with `route_configs` as compact JSON, with the values of credential-bearing
-/// headers hidden wherever a header name comes with a value (headers to add, header
-/// matchers), as Envoy's config dump hides secrets: `/config` is unauthenticated and may be
-/// reachable from the pod network. `head`'s own route configs are not shown.
-pub fn render(head: &RawConfig, mut route_configs: Vec<RawRouteConfig>) -> Box<RawValue> {
-    for route in route_configs
+/// The config in force as compact JSON, with the values of credential-bearing headers
+/// hidden wherever a header name comes with a value (headers to add, header matchers), as
+/// Envoy's config dump hides secrets: `/config` is unauthenticated and may be reachable from
+/// the pod network. Costs a parse of the config: call it off the request path.
+pub fn render(written: &Written) -> Result<Box<RawValue>, ConfigErrors> {
+    let mut raw = super::reread(written)?;
+    for route in raw
+        .route_configs
         .iter_mut()
         .flat_map(|rc| rc.virtual_hosts.iter_mut())
         .flat_map(|vh| vh.routes.iter_mut())
@@ -32,12 +36,8 @@ pub fn render(head: &RawConfig, mut route_configs: Vec<RawRouteConfig>) -> Box<R
             .iter_mut()
             .for_each(redact_value);
     }
-    let whole = RawConfig {
-        route_configs,
-        ..head.clone()
-    };
-    let text = serde_json::to_string(&whole).expect("config is JSON");
-    RawValue::from_string(text).expect("serde_json wrote JSON")
+    let text = serde_json::to_string(&raw).expect("config is JSON");
+    Ok(RawValue::from_string(text).expect("serde_json wrote JSON"))
 }
 
 fn redact_matcher(m: &mut RawHeaderMatcher) {

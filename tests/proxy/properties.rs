@@ -230,6 +230,7 @@ async fn arbitrary_requests_route_consistently() {
         version: 1,
         source: "test".into(),
         hash: String::new(),
+        written: remora::config::Written::text(&text),
     };
     let snapshot = remora::config::compile::compile(raw, origin, &metrics, None);
     let table = snapshot

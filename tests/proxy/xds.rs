@@ -116,6 +116,22 @@ async fn a_sidecar_follows_the_control_plane() {
             config["xds_versions"]
         );
     }
+    // `/config` shows what the control plane sent, as it is in force now: the edited route
+    // and the EDS endpoints of `b`.
+    let shown = &config["config"];
+    assert_eq!(
+        shown["route_configs"][0]["virtual_hosts"][0]["routes"][0]["cluster"], "b",
+        "{shown}"
+    );
+    let b_endpoint = format!("127.0.0.1:{}", b.port());
+    assert!(
+        shown["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "b" && c["endpoints"][0]["address"] == b_endpoint.as_str()),
+        "{shown}"
+    );
     cp.stop();
     std::fs::remove_dir_all(&dir).unwrap();
 }
