@@ -296,6 +296,7 @@ fn schema_via_tree(
     // Schema: serde stops at the first error, so report it, cut the offending field out of
     // the tree and try again, until the tree deserializes or the error cannot be cut out.
     let mut raw = None;
+    let mut cut: Vec<Vec<Seg>> = Vec::new();
     for _ in 0..200 {
         match serde_path_to_error::deserialize::<_, RawConfig>(value.clone()) {
             Ok(r) => {
@@ -305,16 +306,32 @@ fn schema_via_tree(
             Err(e) => {
                 let mut path = segments(e.path());
                 let message = e.inner().to_string();
+                // A required field cut out for its value now reads as missing: that is
+                // reported already, and nothing can be cut to go on.
+                if let Some(field) = missing_field(&message) {
+                    let mut full = path.clone();
+                    full.push(Seg::Key(field.to_string()));
+                    if cut.contains(&full) {
+                        break;
+                    }
+                }
                 let (message, hint, about_key) = explain(&message, &mut path);
                 let pos = if about_key {
                     source.locate_key(&path)
                 } else {
                     source.locate(&path)
                 };
+                let quotable = message.ends_with(QUOTE_IT);
                 errors.push(at(pos, &path, message, hint));
+                // A number or a boolean where a string goes reads on as the string it would
+                // be quoted; anything else is cut out.
+                if quotable && quote_in_place(&mut value, &path) {
+                    continue;
+                }
                 if !remove_at(&mut value, &path) {
                     break;
                 }
+                cut.push(path);
             }
         }
     }
@@ -377,6 +394,9 @@ fn segments(path: &serde_path_to_error::Path) -> Vec<Seg> {
 /// expected names. For an unknown field, the path is extended to point at the field, and
 /// the third value says the error is about the key rather than its value.
 fn explain(message: &str, path: &mut Vec<Seg>) -> (String, Option<String>, bool) {
+    if let Some(message) = without_value(message) {
+        return (message, None, false);
+    }
     let ticked: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let field = rest.split('`').next().unwrap_or_default().to_string();
@@ -402,6 +422,50 @@ fn explain(message: &str, path: &mut Vec<Seg>) -> (String, Option<String>, bool)
         );
     }
     (message.to_string(), None, false)
+}
+
+/// Ends the message for a number or a boolean where a string goes.
+const QUOTE_IT: &str = " (quote it to make it a string)";
+
+/// serde's "invalid type: integer `5`, expected a string" (or "invalid value: …") without
+/// the value, which may be a credential: errors reach the log and the unauthenticated
+/// `/config`. The position still points at it.
+fn without_value(message: &str) -> Option<String> {
+    let (prefix, rest) = ["invalid type: ", "invalid value: "]
+        .into_iter()
+        .find_map(|p| Some((p, message.strip_prefix(p)?)))?;
+    let (found, expected) = rest.rsplit_once(", expected ")?;
+    let kind = found
+        .split(['`', '"', '\''])
+        .next()
+        .unwrap_or_default()
+        .trim();
+    let scalar = matches!(kind, "integer" | "floating point" | "boolean");
+    let hint = if scalar && expected == "a string" {
+        QUOTE_IT
+    } else {
+        ""
+    };
+    Some(format!("{prefix}{kind}, expected {expected}{hint}"))
+}
+
+/// The field serde says is missing.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// Replaces a number or a boolean at `path` by its text; false for anything else.
+fn quote_in_place(value: &mut Value, path: &[Seg]) -> bool {
+    let Some(node) = node_at(value, path) else {
+        return false;
+    };
+    let text = match node {
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => return false,
+    };
+    *node = Value::String(text);
+    true
 }
 
 /// The node at `path`, if there is one.
@@ -558,6 +622,57 @@ mod tests {
         for whole in ["!!3.-b", "!!str", "!foo", "''", "~"] {
             direct_and_tree_agree(whole).unwrap_or_else(|e| panic!("{e}: {whole}"));
         }
+    }
+
+    /// Errors go to the log and to the unauthenticated `/config` (`last_rejected`): they name
+    /// where a value is wrong and what kind it is, never the value, which may be a credential.
+    #[test]
+    fn errors_do_not_echo_values() {
+        let base = "listeners: [{name: l, address: 127.0.0.1:1, route_config: r}]\nclusters: [{name: c, endpoints: [{address: 127.0.0.1:2}]}]\nroute_configs: [{name: r, virtual_hosts: [{name: v, domains: ['*'], routes: [{match: {prefix: /";
+        let cases = [
+            ("}, cluster: c, request_headers_to_add: [{name: x-api-key, value: 8731946620154473}]}]}]}]", "8731946620154473"),
+            ("}, cluster: c, request_headers_to_add: ['authorization: Bearer s3cr3t']}]}]}]", "s3cr3t"),
+            ("}, cluster: c, request_headers_to_add: [{name: x-token, value: {s3cr3t: 1}}]}]}]}]", "s3cr3t"),
+            (", headers: [{name: authorization, regex: 'Bearer s3cr3t('}]}, cluster: c}]}]}]", "s3cr3t"),
+            (", headers: [{name: x-api-key, exact: 123456789012}]}, cluster: c}]}]}]", "123456789012"),
+        ];
+        for (case, secret) in cases {
+            let text = format!("{base}{case}\n");
+            let errors = parse(&text, "t.yaml").expect_err(case).to_string();
+            assert!(!errors.contains(secret), "{case}: {errors}");
+            assert!(errors.contains("routes[0]"), "{case}: {errors}");
+        }
+    }
+
+    /// A number or a boolean where a string goes is reported once, with what to do, and does
+    /// not also read as a missing field; the problems after it are still found.
+    #[test]
+    fn a_scalar_where_a_string_goes_is_one_error() {
+        let text = "clusters:\n  - name: 1\n    endpoints: [{address: 127.0.0.1:2}]\n  - name: c\n    endpoints: [{address: 127.0.0.1:3, weight: x}]\n";
+        let errors = parse(text, "t.yaml").unwrap_err().0;
+        let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            !lines.iter().any(|l| l.contains("missing field")),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[0].starts_with("t.yaml:2:")
+                && lines[0].contains("clusters[0].name")
+                && lines[0].contains("quote"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("clusters[1].endpoints[0].weight")),
+            "{lines:#?}"
+        );
+        // A list or a map where a string goes cannot be quoted: it is cut out and reported
+        // once, without a missing field after it.
+        let text = "clusters: [{name: [a, b], endpoints: [{address: 127.0.0.1:2}]}]\n";
+        let errors = parse(text, "t.yaml").unwrap_err().to_string();
+        assert!(!errors.contains("missing field"), "{errors}");
+        assert!(errors.contains("clusters[0].name"), "{errors}");
     }
 
     #[test]

@@ -62,7 +62,7 @@ fn redact_value(h: &mut RawHeaderValue) {
 }
 
 /// Header names whose values are credentials.
-fn is_sensitive_header(name: &str) -> bool {
+pub(crate) fn is_sensitive_header(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     matches!(
         name.as_str(),

@@ -458,7 +458,13 @@ fn check_route(out: &mut Problems, at: &[Seg], route: &RawRoute, clusters: Optio
         }
         if let Some(re) = &hm.regex {
             if let Err(e) = full_match_regex(re) {
-                out.add(at(p!["regex"]), regex_problem(re, &e));
+                // The pattern a credential must match is as secret as the credential.
+                let shown = if super::shown::is_sensitive_header(&hm.name) {
+                    super::shown::REDACTED
+                } else {
+                    re
+                };
+                out.add(at(p!["regex"]), regex_problem(shown, &e));
             }
         }
     }
