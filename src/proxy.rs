@@ -319,6 +319,14 @@ async fn send_with_retries(
             cluster.metrics.body_too_large();
             return result;
         }
+        // Nothing moves while the backoff waits: one the stream idle limit would cut is no
+        // retry, and the answer in hand goes back (a 408 would blame the client for it).
+        let backoff = policy.backoff(retry);
+        if let Some((activity, limit)) = &target.idle {
+            if activity.idle_for() + backoff >= *limit {
+                return result;
+            }
+        }
         let Some(permit) = cluster.breakers.try_acquire(Resource::Retries) else {
             cluster.metrics.overflow(Resource::Retries.label());
             return result;
@@ -338,21 +346,12 @@ async fn send_with_retries(
             cluster.metrics.body_too_large();
             return result;
         }
-        target.note(&next, record);
-        pick = next;
         _retry_permit = Some(permit);
         cluster.metrics.retry(reason);
         drop(result);
-        // The backoff counts against the route timeout like the attempts do, and against
-        // the stream idle timeout (nothing moves while it waits).
-        let wake = tokio::time::Instant::now() + policy.backoff(retry);
-        if let Some((activity, limit)) = &target.idle {
-            let left = limit.saturating_sub(activity.idle_for());
-            if tokio::time::Instant::now() + left <= wake {
-                tokio::time::sleep(left).await;
-                return Err(ProxyError::StreamIdle(*limit));
-            }
-        }
+        // The backoff counts against the route timeout like the attempts do: a retry that
+        // the route timeout overtakes ends in its 504, as in Envoy.
+        let wake = tokio::time::Instant::now() + backoff;
         match target.deadline {
             Some((at, limit)) if at <= wake => {
                 tokio::time::sleep_until(at).await;
@@ -360,6 +359,9 @@ async fn send_with_retries(
             }
             _ => tokio::time::sleep_until(wake).await,
         }
+        // Noted once it is sent: the access log names the endpoints requests reached.
+        target.note(&next, record);
+        pick = next;
         retry += 1;
     }
 }
@@ -410,7 +412,13 @@ async fn attempt(
     let result = match &target.idle {
         Some((activity, idle)) => tokio::select! {
             biased;
-            result = timed => result,
+            result = timed => {
+                // A response head is movement, retried or not.
+                if result.is_ok() {
+                    activity.touch();
+                }
+                result
+            }
             _ = stream_idle::expired(activity, *idle) => Err(ProxyError::StreamIdle(*idle)),
         },
         None => timed.await,

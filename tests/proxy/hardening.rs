@@ -927,6 +927,33 @@ async fn a_stream_that_stops_moving_ends_after_stream_idle_timeout() {
     );
 }
 
+/// A response head is movement: an endpoint that answers 503 late in the stream idle limit
+/// leaves the retry the whole limit, not what was left of it (before, the retry to a slower
+/// healthy endpoint was cut with a 408 that blamed the client).
+#[tokio::test]
+async fn a_retry_after_a_late_answer_gets_the_whole_stream_idle_limit() {
+    let (late, slow) = (Upstream::start("late").await, Upstream::start("slow").await);
+    late.set_status(503);
+    late.set_delay(Duration::from_millis(800));
+    slow.set_delay(Duration::from_millis(400));
+    let route = "{ match: { prefix: / }, cluster: up, timeout: 0, \
+                 retry_policy: { retry_on: [5xx], num_retries: 1, backoff: { base_interval: 1ms, max_interval: 1ms } } }";
+    let p = proxy(&full_config(
+        "address: 127.0.0.1:0",
+        &[&main_listener(", stream_idle_timeout: 1s")],
+        &format!("      - {{ name: all, domains: [\"*\"], routes: [{route}] }}"),
+        &cluster("up", &[(late.port(), 1), (slow.port(), 1)], ""),
+    ))
+    .await;
+    // Round robin sends one of the first two requests to `late` first.
+    for i in 0..2 {
+        let answer = get(&client(), p.addr, "svc", "/", &[]).await;
+        assert_eq!(answer.status, 200, "request {i}: {}", answer.body);
+        assert_eq!(answer.body, "slow", "request {i}");
+    }
+    assert!(late.hits() >= 1, "no request went to `late` first");
+}
+
 /// `stream_idle_timeout` when the client is the one that stalls: it asks for 64 MiB and
 /// stops reading. Every buffer on the way fills, nothing can move, and after the limit
 /// remora closes the client's connection (it had no way to see this before: the response
