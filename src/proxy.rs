@@ -52,8 +52,14 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let mut record = Record::start(ctx.clone(), &req, in_flight);
     let grpc = crate::error::is_grpc(req.headers());
+    let h2 = req.version() == http::Version::HTTP_2;
+    let mut watch = None;
     let resp = match proxy(&ctx, &client, req, &mut record).await {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            // HTTP/2 flow control can stop hyper polling the body: see `stream_idle::watched`.
+            watch = record.stream_idle.take().filter(|_| h2);
+            resp
+        }
         Err(err) => {
             let (_, marker) = err.status_and_marker();
             tracing::debug!(listener = %ctx.settings.name, error = %err, "local reply");
@@ -72,11 +78,17 @@ pub async fn handle(
     };
     record.status = resp.status().as_u16();
     Ok(resp.map(|inner| {
-        RecordedBody {
+        let recorded = RecordedBody {
             inner,
             record: Some(record),
+        };
+        match watch {
+            Some((activity, limit)) if !recorded.is_end_stream() => {
+                stream_idle::watched(recorded, activity, limit, RecordedBody::cut_idle)
+                    .boxed_unsync()
+            }
+            _ => recorded.boxed_unsync(),
         }
-        .boxed_unsync()
     }))
 }
 
@@ -178,6 +190,7 @@ async fn proxy(
         .stream_idle_timeout
         .filter(|_| !upgrade)
         .map(|limit| (Arc::new(Activity::new()), limit));
+    record.stream_idle = idle.clone();
     let (body, upload) = if body.is_end_stream() {
         (body::incoming(body), None)
     } else {
@@ -684,6 +697,8 @@ struct Record {
     /// The cluster's request breaker slot, held until the response is done.
     request_permit: Option<Permit>,
     in_flight: InFlight,
+    /// The request's progress and its `stream_idle_timeout`, when one applies.
+    stream_idle: Option<(Arc<Activity>, Duration)>,
 }
 
 impl Record {
@@ -716,6 +731,7 @@ impl Record {
             endpoint: None,
             request_permit: None,
             in_flight,
+            stream_idle: None,
         }
     }
 
@@ -780,6 +796,15 @@ struct RecordedBody {
     record: Option<Record>,
 }
 
+impl RecordedBody {
+    /// Marks a body that the stream idle timeout takes away unfinished.
+    fn cut_idle(&mut self) {
+        if let Some(r) = self.record.as_mut() {
+            r.error.get_or_insert("stream_idle_timeout");
+        }
+    }
+}
+
 impl HttpBody for RecordedBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -796,9 +821,14 @@ impl HttpBody for RecordedBody {
                 }
             }
             Poll::Ready(None) => self.record = None,
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
+                let marker = if e.is::<stream_idle::StreamIdle>() {
+                    "stream_idle_timeout"
+                } else {
+                    "upstream_reset"
+                };
                 if let Some(r) = self.record.as_mut() {
-                    r.error.get_or_insert("upstream_reset");
+                    r.error.get_or_insert(marker);
                 }
                 self.record = None;
             }

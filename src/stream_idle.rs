@@ -4,13 +4,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
+use tokio::sync::oneshot;
 
 use crate::activity::Activity;
 use crate::body::{Body, BoxError};
@@ -82,5 +83,83 @@ impl HttpBody for Bounded {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A body watched from outside. Over HTTP/2, a client that grants no flow-control window
+/// (while still reading the socket) leaves hyper waiting for window, polling the body no
+/// more: a check made while polling, as [`bound`]'s, never runs, and the stream would keep
+/// its breaker slot and upstream connection for as long as the client likes. A task waits
+/// for the limit instead and takes the body away: `cut` marks it, and dropping it lets the
+/// upstream and the slot go. The client's stream then ends with [`StreamIdle`] whenever
+/// hyper polls it again. The task ends with the body.
+pub fn watched<B>(body: B, activity: Arc<Activity>, limit: Duration, cut: fn(&mut B)) -> Watched<B>
+where
+    B: HttpBody + Send + Unpin + 'static,
+{
+    let slot = Arc::new(Mutex::new(Some(body)));
+    let (done, ended) = oneshot::channel::<()>();
+    let watching = Arc::downgrade(&slot);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = expired(&activity, limit) => {
+                let taken = watching
+                    .upgrade()
+                    .and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+                if let Some(mut body) = taken {
+                    cut(&mut body);
+                }
+            }
+            _ = ended => {}
+        }
+    });
+    Watched {
+        slot,
+        limit,
+        done: Some(done),
+    }
+}
+
+/// See [`watched`].
+pub struct Watched<B> {
+    slot: Arc<Mutex<Option<B>>>,
+    limit: Duration,
+    /// Dropped when the body ends (or is dropped), which ends the watching task.
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl<B> HttpBody for Watched<B>
+where
+    B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut slot = this.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(body) = slot.as_mut() else {
+            this.done = None;
+            return Poll::Ready(Some(Err(Box::new(StreamIdle(this.limit)))));
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.done = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref()
+            .map_or_else(SizeHint::default, |b| b.size_hint())
     }
 }

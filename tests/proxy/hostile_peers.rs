@@ -660,6 +660,75 @@ async fn under_flood<T: Send + 'static>(
     out
 }
 
+/// An HTTP/2 client that stops granting flow-control window (it reads the socket, but
+/// never sends WINDOW_UPDATE) stalls its stream without filling any socket: hyper waits for
+/// window and polls the response body no more, so a check made while polling never runs.
+/// After `stream_idle_timeout` the stream's breaker slot comes back all the same (with
+/// `max_requests: 1`, the next request is admitted) and the upstream is let go.
+#[tokio::test]
+async fn an_http2_client_that_withholds_window_loses_its_stream_after_stream_idle_timeout() {
+    const BODY: usize = 1 << 20;
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_port = upstream.local_addr().unwrap().port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = s.read(&mut head).await;
+                let mut answer =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
+                answer.resize(answer.len() + BODY, b'x');
+                let _ = s.write_all(&answer).await;
+                // Hold the connection open until remora lets it go.
+                let _ = s.read(&mut head).await;
+            });
+        }
+    });
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc, stream_idle_timeout: 500ms }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n{}\n\
+         clusters:\n{}    circuit_breakers: {{ max_requests: 1 }}\n",
+        one_route("cluster: up, timeout: 0"),
+        cluster("up", &[(up_port, 1)], "")
+    );
+    let p = proxy(&yaml).await;
+    let (mut conn, _) = RawH2::connect(p.addr).await;
+    let mut buf = Vec::new();
+    frame(
+        &mut buf,
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &request_block("/"),
+    );
+    conn.s.write_all(&buf).await.unwrap();
+    // The head and the first window's worth of body come; then nothing can.
+    let (frames, closed) = conn
+        .read_frames(LIMIT, |f| f.kind == HEADERS && f.stream == 1)
+        .await;
+    assert!(
+        !closed && frames.iter().any(|f| f.kind == HEADERS),
+        "no response HEADERS"
+    );
+    // Keep reading (the socket never fills) past the limit, granting no window.
+    let _ = conn
+        .read_frames(Duration::from_millis(1500), |_| false)
+        .await;
+    let answer = get(&client(), p.addr, "svc", "/", &[]).await;
+    assert_eq!(
+        answer.status,
+        200,
+        "the stalled stream still holds the breaker slot: {}",
+        answer.header("x-remora-error")
+    );
+    assert_eq!(answer.body.len(), BODY);
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 // === 2. HTTP/2 floods ===
 
 /// Rapid reset (CVE-2023-44487): 20,000 HEADERS each cancelled at once by RST_STREAM get the connection cut (GOAWAY ENHANCE_YOUR_CALM or a close).
