@@ -186,7 +186,24 @@ pub struct Cluster {
     rebuilding: Mutex<()>,
     /// A rebuild is queued off the request path and has not started yet.
     rebuild_queued: AtomicBool,
+    /// When the leaf certificate of its TLS client pair expires (Unix seconds).
+    certificate_expiry: Option<i64>,
+    /// Started, so its gauges are its own to set: a cluster built for a reload shares the
+    /// running one's series, which must describe the running one until the new one starts.
+    publishing: AtomicBool,
     weak_self: Weak<Cluster>,
+}
+
+/// How many endpoints are in each of [`ENDPOINT_STATES`].
+fn endpoint_counts(endpoints: &[Arc<Endpoint>]) -> [i64; 4] {
+    let mut counts = [0i64; 4];
+    for e in endpoints {
+        let label = e.state.label();
+        if let Some(i) = ENDPOINT_STATES.iter().position(|s| *s == label) {
+            counts[i] += 1;
+        }
+    }
+    counts
 }
 
 impl Cluster {
@@ -204,17 +221,13 @@ impl Cluster {
             .as_ref()
             .and_then(|h| h.header.as_ref())
             .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
-        let tls = raw.tls.as_ref().map(|tls| {
-            let expiry = tls
-                .cert_file
+        let certificate_expiry = raw.tls.as_ref().and_then(|tls| {
+            tls.cert_file
                 .as_deref()
                 .and_then(|f| crate::tls::certificates(f).ok())
-                .and_then(|c| c.first().and_then(|leaf| crate::tls::not_after(leaf)));
-            if let Some(at) = expiry {
-                metrics.certificate_expires(at);
-            }
-            tls_connector(raw, tls)
+                .and_then(|c| c.first().and_then(|leaf| crate::tls::not_after(leaf)))
         });
+        let tls = raw.tls.as_ref().map(|tls| tls_connector(raw, tls));
         let cluster = Arc::new_cyclic(|weak_self| Cluster {
             name: raw.name.as_str().into(),
             raw: raw.clone(),
@@ -245,6 +258,8 @@ impl Cluster {
             }),
             rebuilding: Mutex::new(()),
             rebuild_queued: AtomicBool::new(false),
+            certificate_expiry,
+            publishing: AtomicBool::new(false),
             weak_self: weak_self.clone(),
         });
         // Connections made under other TLS settings or another protocol must not be reused:
@@ -275,6 +290,18 @@ impl Cluster {
     /// reaping). The tasks hold a weak reference and end when a reload drops the cluster.
     /// For `strict_dns`, the returned channel fires after the first resolution.
     pub fn start(self: &Arc<Self>) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        // Its gauges from now on (see `publishing`).
+        if !self.publishing.load(Ordering::Acquire) {
+            // Under the rebuild lock, so that no rebuild's counts come between.
+            let _rebuilding = self.rebuilding.lock().unwrap_or_else(|e| e.into_inner());
+            self.publishing.store(true, Ordering::Release);
+            if let Some(at) = self.certificate_expiry {
+                self.metrics.certificate_expires(at);
+            }
+            let members = self.members();
+            self.metrics
+                .set_endpoint_counts(endpoint_counts(&members.endpoints));
+        }
         spawn_reaper(Arc::downgrade(self), self.idle_timeout);
         if self.outlier.is_none() {
             // Outlier detection was removed by a reload: nothing would ever close a breaker
@@ -364,14 +391,10 @@ impl Cluster {
                 }
             }
         };
-        let mut counts = [0i64; 4];
-        for e in &endpoints {
-            let label = e.state.label();
-            if let Some(i) = ENDPOINT_STATES.iter().position(|s| *s == label) {
-                counts[i] += 1;
-            }
+        if self.publishing.load(Ordering::Acquire) {
+            self.metrics
+                .set_endpoint_counts(endpoint_counts(&endpoints));
         }
-        self.metrics.set_endpoint_counts(counts);
         self.members.store(Arc::new(Members {
             endpoints,
             chosen,

@@ -84,6 +84,9 @@ fn context(
             })?),
         },
     };
+    // Published when the context takes effect: a reload that fails must not show its
+    // certificate as the one in use.
+    let mut certificate_expiry = None;
     let tls = match &settings.tls {
         None => None,
         Some(tls) => {
@@ -101,9 +104,7 @@ fn context(
             let leaf = crate::tls::certificates(&tls.cert_file)
                 .ok()
                 .and_then(|c| c.into_iter().next());
-            if let Some(at) = leaf.as_ref().and_then(|l| crate::tls::not_after(l)) {
-                settings.metrics.certificate_expires(at);
-            }
+            certificate_expiry = leaf.as_ref().and_then(|l| crate::tls::not_after(l));
             let by = leaf.and_then(|leaf| crate::tls::sans(&leaf).uris.into_iter().next());
             Some((tokio_rustls::TlsAcceptor::from(config), by))
         }
@@ -113,6 +114,7 @@ fn context(
         store,
         access_log,
         tls,
+        certificate_expiry,
     }))
 }
 
@@ -121,6 +123,7 @@ impl Prepared {
     pub fn start(self) -> Listener {
         let settings = &self.ctx.settings;
         tracing::info!(listener = %settings.name, address = %self.local_addr, "listening");
+        self.ctx.publish();
         let connections = Arc::new(ConnectionLimit::new(settings.max_connections));
         let ctx = Arc::new(ArcSwap::new(self.ctx));
         let (stop_accepting, stop_rx) = watch::channel(false);
@@ -162,6 +165,7 @@ impl Listener {
     /// requests on open connections route by them, and a lower `max_connections` holds new
     /// connections back until enough open ones have closed.
     pub fn update(&self, ctx: Arc<ListenerContext>) {
+        ctx.publish();
         self.connections.set_max(ctx.settings.max_connections);
         self.ctx.store(ctx);
     }

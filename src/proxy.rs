@@ -41,6 +41,17 @@ pub struct ListenerContext {
     pub access_log: Option<AccessLog>,
     /// The TLS acceptor of an HTTPS listener, and its own URI SAN (the `By=` of XFCC).
     pub tls: Option<(tokio_rustls::TlsAcceptor, Option<String>)>,
+    /// When its certificate expires (Unix seconds), published once the context is in use.
+    pub certificate_expiry: Option<i64>,
+}
+
+impl ListenerContext {
+    /// Sets the gauges that describe this context, as it takes effect.
+    pub fn publish(&self) {
+        if let Some(at) = self.certificate_expiry {
+            self.settings.metrics.certificate_expires(at);
+        }
+    }
 }
 
 /// Serves one request. Never fails: errors become local replies (see `error.rs`).

@@ -229,7 +229,11 @@ async fn cluster_series_live_and_leave_with_their_cluster() {
          clusters:\n{}{}",
         taken.local_addr().unwrap(),
         one_route("cluster: spare"),
-        cluster("spare", &[(up.port(), 1)], ""),
+        cluster(
+            "spare",
+            &[(up.port(), 1), (taken.local_addr().unwrap().port(), 1)],
+            ""
+        ),
         cluster("ghost", &[(up.port(), 1)], "")
     );
     let outcome = p.app.apply(ghost, "test.yaml").await;
@@ -239,4 +243,12 @@ async fn cluster_series_live_and_leave_with_their_cluster() {
     );
     let text = metrics().await;
     assert_eq!(series(&text, "ghost"), Vec::<String>::new(), "{text}");
+    // Nor does it touch the gauges of the running clusters it changed: `spare` runs with
+    // one endpoint still, not the two of the config that failed.
+    let endpoints: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("remora_cluster_endpoints{cluster=\"spare\""))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(endpoints, 1.0, "{text}");
 }

@@ -407,6 +407,36 @@ async fn an_expired_certificate_is_refused_and_expiry_is_exported() {
     .await;
     // 2040-06-01T00:00:00Z
     assert_eq!(expiry, 2_222_121_600.0);
+
+    // A reload with a new pair that fails to take effect (another listener's address is
+    // taken) leaves the gauge on the certificate still in use.
+    let (next, next_key) = pki.leaf_with("next", &["localhost"], None, |p| {
+        p.not_after = rcgen::date_time_ymd(2041, 6, 1);
+    });
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let failing = https_config(
+        &format!("cert_file: \"{next}\", key_file: \"{next_key}\""),
+        "",
+        up.port(),
+    )
+    .replace(
+        "route_configs:",
+        &format!(
+            "  - {{ name: extra, address: \"{}\", route_config: rc }}\nroute_configs:",
+            taken.local_addr().unwrap()
+        ),
+    );
+    let outcome = p.app.apply(failing, "tls.yaml").await;
+    assert!(
+        matches!(outcome, remora::reloader::Outcome::Failed(_)),
+        "{outcome:?}"
+    );
+    let expiry = metric(
+        p.admin,
+        "remora_tls_certificate_expiry_timestamp_seconds{name=\"main\",owner=\"listener\"}",
+    )
+    .await;
+    assert_eq!(expiry, 2_222_121_600.0);
 }
 
 /// Rotation: the certificate and key files are replaced while remora runs; new handshakes get
