@@ -214,6 +214,10 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
 /// `/config`: the config in force, read again from its text on a blocking thread (for a
 /// big mesh that takes as long as a reload's parse, and must not hold up a worker).
 async fn config(state: Arc<AdminState>) -> Response<Body> {
+    // One reading at a time: each costs a parse of the config, and `/config` is open to
+    // whoever reaches the admin port.
+    static READING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = READING.lock().await;
     let snap = state.store.load();
     let written = snap.written.clone();
     let shown =

@@ -286,6 +286,13 @@ impl Cluster {
         cluster
     }
 
+    /// Leaves the gauges to the cluster that replaced this one (a request may still hold
+    /// this one, and its rebuilds must not overwrite the new one's counts).
+    pub fn stop_publishing(&self) {
+        let _rebuilding = self.rebuilding.lock().unwrap_or_else(|e| e.into_inner());
+        self.publishing.store(false, Ordering::Release);
+    }
+
     /// Starts the cluster's background work (DNS refresh, health checks, idle-connection
     /// reaping). The tasks hold a weak reference and end when a reload drops the cluster.
     /// For `strict_dns`, the returned channel fires after the first resolution.

@@ -394,7 +394,16 @@ impl Reloader {
             .filter(|(name, _)| !next.clusters.contains_key(*name))
             .map(|(_, c)| c.clone())
             .collect();
+        let replaced: Vec<_> = current
+            .clusters
+            .iter()
+            .filter(|(name, c)| next.clusters.get(*name).is_some_and(|n| !Arc::ptr_eq(n, c)))
+            .map(|(_, c)| c.clone())
+            .collect();
         self.store.store(next);
+        for c in replaced {
+            c.stop_publishing();
+        }
         // A cluster the config dropped leaves `/metrics` with it.
         for c in dropped {
             c.metrics.remove();

@@ -91,23 +91,34 @@ impl HttpBody for Bounded {
 /// more: a check made while polling, as [`bound`]'s, never runs, and the stream would keep
 /// its breaker slot and upstream connection for as long as the client likes. A task waits
 /// for the limit instead and takes the body away: `cut` marks it, and dropping it lets the
-/// upstream and the slot go. The client's stream then ends with [`StreamIdle`] whenever
-/// hyper polls it again. The task ends with the body.
+/// upstream and the slot go; the task then wakes hyper, whose next poll ends the stream with
+/// [`StreamIdle`] (a reset). Data goes out in pieces of at most [`PIECE`] bytes, each one
+/// progress: hyper asks for the next piece only once the client has taken most of the last,
+/// so a slow client that keeps reading keeps the stream alive. The task ends with the body.
 pub fn watched<B>(body: B, activity: Arc<Activity>, limit: Duration, cut: fn(&mut B)) -> Watched<B>
 where
     B: HttpBody + Send + Unpin + 'static,
 {
-    let slot = Arc::new(Mutex::new(Some(body)));
+    let slot = Arc::new(Mutex::new(Slot {
+        body: Some(body),
+        waker: None,
+    }));
     let (done, ended) = oneshot::channel::<()>();
     let watching = Arc::downgrade(&slot);
+    let watched_activity = activity.clone();
     tokio::spawn(async move {
         tokio::select! {
-            _ = expired(&activity, limit) => {
-                let taken = watching
-                    .upgrade()
-                    .and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+            _ = expired(&watched_activity, limit) => {
+                let Some(slot) = watching.upgrade() else { return };
+                let (taken, waker) = {
+                    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                    (slot.body.take(), slot.waker.take())
+                };
                 if let Some(mut body) = taken {
                     cut(&mut body);
+                }
+                if let Some(waker) = waker {
+                    waker.wake();
                 }
             }
             _ = ended => {}
@@ -115,17 +126,40 @@ where
     });
     Watched {
         slot,
+        activity,
         limit,
+        rest: Bytes::new(),
         done: Some(done),
     }
 }
 
+/// The largest piece of data [`Watched`] hands to hyper at once: HTTP/2's default frame size.
+pub const PIECE: usize = 16 * 1024;
+
+struct Slot<B> {
+    body: Option<B>,
+    /// The task that polled last, woken when the body is taken away.
+    waker: Option<std::task::Waker>,
+}
+
 /// See [`watched`].
 pub struct Watched<B> {
-    slot: Arc<Mutex<Option<B>>>,
+    slot: Arc<Mutex<Slot<B>>>,
+    activity: Arc<Activity>,
     limit: Duration,
+    /// Data pulled from the body and not handed out yet.
+    rest: Bytes,
     /// Dropped when the body ends (or is dropped), which ends the watching task.
     done: Option<oneshot::Sender<()>>,
+}
+
+impl<B> Watched<B> {
+    /// The next piece of `rest`, as progress.
+    fn piece(&mut self) -> Frame<Bytes> {
+        let n = self.rest.len().min(PIECE);
+        self.activity.touch();
+        Frame::data(self.rest.split_to(n))
+    }
 }
 
 impl<B> HttpBody for Watched<B>
@@ -140,26 +174,54 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let mut slot = this.slot.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(body) = slot.as_mut() else {
+        let slot = this.slot.clone();
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.body.is_none() {
             this.done = None;
+            this.rest = Bytes::new();
             return Poll::Ready(Some(Err(Box::new(StreamIdle(this.limit)))));
-        };
-        let polled = Pin::new(body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.done = None;
         }
-        polled
+        if !this.rest.is_empty() {
+            return Poll::Ready(Some(Ok(this.piece())));
+        }
+        match &slot.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => slot.waker = Some(cx.waker().clone()),
+        }
+        let body = slot.body.as_mut().expect("checked above");
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if data.len() > PIECE => {
+                    this.rest = data;
+                    Poll::Ready(Some(Ok(this.piece())))
+                }
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            polled @ (Poll::Ready(None) | Poll::Ready(Some(Err(_)))) => {
+                this.done = None;
+                polled
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
         let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        slot.as_ref().is_some_and(|b| b.is_end_stream())
+        self.rest.is_empty() && slot.body.as_ref().is_some_and(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
         let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        slot.as_ref()
-            .map_or_else(SizeHint::default, |b| b.size_hint())
+        let mut hint = slot
+            .body
+            .as_ref()
+            .map_or_else(SizeHint::default, |b| b.size_hint());
+        let rest = self.rest.len() as u64;
+        hint.set_lower(hint.lower() + rest);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
     }
 }

@@ -729,6 +729,54 @@ async fn an_http2_client_that_withholds_window_loses_its_stream_after_stream_idl
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
+/// An HTTP/2 stream whose upstream stalls after the head is reset at `stream_idle_timeout`,
+/// whichever of the two idle checks (in the body, or the task watching it) sees it first.
+#[tokio::test]
+async fn an_http2_stream_whose_upstream_stalls_is_reset_after_stream_idle_timeout() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_port = upstream.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = s.read(&mut head).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nabc")
+                    .await;
+                let _ = s.read(&mut head).await;
+            });
+        }
+    });
+    let yaml = format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc, stream_idle_timeout: 300ms }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n{}\n\
+         clusters:\n{}",
+        one_route("cluster: up, timeout: 0"),
+        cluster("up", &[(up_port, 1)], "")
+    );
+    let p = proxy(&yaml).await;
+    for round in 0..5 {
+        let (mut conn, _) = RawH2::connect(p.addr).await;
+        let mut buf = Vec::new();
+        frame(
+            &mut buf,
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            1,
+            &request_block("/"),
+        );
+        conn.s.write_all(&buf).await.unwrap();
+        let (frames, _) = conn
+            .read_frames(LIMIT, |f| f.kind == RST_STREAM && f.stream == 1)
+            .await;
+        assert!(
+            frames.iter().any(|f| f.kind == RST_STREAM && f.stream == 1),
+            "round {round}: the stalled stream was not reset within {LIMIT:?}"
+        );
+    }
+}
+
 // === 2. HTTP/2 floods ===
 
 /// Rapid reset (CVE-2023-44487): 20,000 HEADERS each cancelled at once by RST_STREAM get the connection cut (GOAWAY ENHANCE_YOUR_CALM or a close).
