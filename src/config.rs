@@ -6,8 +6,10 @@
 
 pub mod compile;
 pub mod duration;
+pub mod items;
 pub mod locate;
 pub mod raw;
+pub mod reuse;
 pub mod shown;
 mod strict;
 mod validate;
@@ -216,28 +218,35 @@ fn read(
             (raw, Some(source))
         }
     };
+    items::attach_text_keys(&mut raw, text);
     let statics = [
         raw.listeners.len(),
         raw.route_configs.len(),
         raw.clusters.len(),
     ];
     if let Some(d) = dynamic {
-        for c in raw.clusters.iter_mut() {
-            if c.discovery == raw::DiscoveryType::Eds {
-                if let Some(endpoints) = d.assignments.get(&c.name) {
-                    c.endpoints = endpoints.clone();
-                }
-            }
-        }
-        raw.listeners.extend(d.listeners.iter().cloned());
-        raw.route_configs.extend(d.route_configs.iter().cloned());
-        raw.clusters.extend(d.clusters.iter().cloned());
+        add_dynamic(&mut raw, d);
     }
     Ok(Read {
         raw,
         source,
         statics,
     })
+}
+
+/// Adds a control plane's resources to the static config: EDS endpoints to the static
+/// `type: eds` clusters, and the rest after the static ones.
+fn add_dynamic(raw: &mut RawConfig, d: &xds::Dynamic) {
+    for c in raw.clusters.iter_mut() {
+        if c.discovery == raw::DiscoveryType::Eds {
+            if let Some(endpoints) = d.assignments.get(&c.name) {
+                c.endpoints = endpoints.clone();
+            }
+        }
+    }
+    raw.listeners.extend(d.listeners.iter().cloned());
+    raw.route_configs.extend(d.route_configs.iter().cloned());
+    raw.clusters.extend(d.clusters.iter().cloned());
 }
 
 /// A config that is (or was) in force, read again as it was validated: for `/config`.

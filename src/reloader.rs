@@ -193,7 +193,8 @@ impl Reloader {
         // Parse, validate and compile cannot take the reloader down: a panic there (a bug)
         // rejects this config and leaves the running one, and the reloader, in place.
         let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let raw = config::parse_with(&text, &name, dynamic.as_deref())
+            // What did not change is not read again (`config::reuse`).
+            let raw = config::reuse::parse(&text, &name, dynamic.as_deref(), &current)
                 .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
             let mut restart = needs_restart(&current, &raw, &text, &name);
             // The static `type: eds` clusters are subscribed to when the feed starts.

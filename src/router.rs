@@ -28,8 +28,11 @@ pub struct RouteTable {
 
 pub struct VirtualHost {
     pub name: Arc<str>,
+    /// As configured (the route table keeps them lowercased in its maps).
+    pub domains: Vec<String>,
     pub routes: Vec<Route>,
-    /// A digest of the config it was compiled from, to tell an unchanged one on reload.
+    /// The key of the config it was compiled from, to tell an unchanged one on reload: the
+    /// hash of its text when read from text, else a digest of its parsed config.
     pub source: u64,
 }
 
@@ -323,6 +326,7 @@ mod tests {
     fn vh(name: &str) -> Arc<VirtualHost> {
         Arc::new(VirtualHost {
             name: name.into(),
+            domains: Vec::new(),
             routes: vec![Route {
                 name: name.into(),
                 path: PathMatch::Prefix("/".into()),

@@ -106,6 +106,11 @@ impl Snapshot {
         }
     }
 
+    /// Every route table, in no particular order.
+    pub fn route_tables(&self) -> impl Iterator<Item = &Arc<RouteTable>> {
+        self.route_tables.values()
+    }
+
     /// The route table compiled from the route config `name`.
     pub fn route_table(&self, name: &str) -> Option<&Arc<RouteTable>> {
         self.route_tables.get(name)

@@ -149,11 +149,20 @@ fn route_table(
         .iter()
         .enumerate()
         .map(|(at, vh)| {
-            let source = crate::hash::digest(vh);
+            let source = vh
+                .read_from
+                .text_key
+                .unwrap_or_else(|| crate::hash::digest(vh));
             let kept = old
                 .get(&source)
                 .filter(|v| v.resolves_as_before(known))
                 .map(|v| Arc::clone(v));
+            // `config::reuse` makes a placeholder only where it checked this would hold.
+            assert!(
+                kept.is_some() || !vh.read_from.placeholder,
+                "virtual host `{}` stands for one that cannot be carried over",
+                vh.name
+            );
             all_kept &= kept
                 .as_ref()
                 .is_some_and(|k| before.is_some_and(|t| Arc::ptr_eq(k, &t.virtual_hosts()[at])));
@@ -170,6 +179,7 @@ fn route_table(
                     .collect();
                 Arc::new(VirtualHost {
                     name: vh.name.as_str().into(),
+                    domains: vh.domains.clone(),
                     routes,
                     source,
                 })
@@ -306,7 +316,7 @@ fn header_matcher(h: &RawHeaderMatcher) -> HeaderMatcher {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Three virtual hosts over three clusters; `weight` is cluster `b`'s endpoint weight and
@@ -326,7 +336,8 @@ mod tests {
         crate::config::parse(&text, "t.yaml").unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn build(raw: RawConfig, version: u64, previous: Option<&Snapshot>) -> Snapshot {
+    /// Compiles `raw` as version `version` after `previous`.
+    pub(crate) fn build(raw: RawConfig, version: u64, previous: Option<&Snapshot>) -> Snapshot {
         let origin = Origin {
             version,
             source: "t".into(),

@@ -236,6 +236,31 @@ pub struct RawVirtualHost {
     /// own). Default: anyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<RawAuthorization>,
+    /// How it was read; not part of the schema.
+    #[serde(skip)]
+    pub read_from: ReadFrom,
+}
+
+/// How a virtual host was read. Not part of what it means: equal to any other, and hashed
+/// as nothing, so that configs compare and digest by their content alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadFrom {
+    /// The hash of its text, when it was read from config text (see `config::items`): a
+    /// reload finds the compiled virtual host of the same text by it.
+    pub text_key: Option<u64>,
+    /// It stands for the virtual host of the same text in the running config, whose routes
+    /// were not read again (only its name and domains are here, for validation).
+    pub placeholder: bool,
+}
+
+impl PartialEq for ReadFrom {
+    fn eq(&self, _: &ReadFrom) -> bool {
+        true
+    }
+}
+
+impl std::hash::Hash for ReadFrom {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 /// A listener's TLS.

@@ -1101,6 +1101,7 @@ fn vhost_from(v: &rt::VirtualHost, at: &At<'_>, e: &mut Errs) -> RawVirtualHost 
         domains: v.domains.clone(),
         routes,
         retry_policy,
+        read_from: Default::default(),
     }
 }
 

@@ -1,0 +1,262 @@
+//! Reads a changed config text without reading again what did not change: each virtual host
+//! whose text is the text of one running now (and whose clusters will be carried over) is
+//! read as a placeholder, and compiling carries the running one over. For a big mesh, a
+//! reload that changes one cluster or one virtual host then parses a small part of the text.
+//!
+//! Anything unusual falls back to the whole read, which also gives every problem its place:
+//! a text that does not split (`items`), a skeleton that does not read as the split says, a
+//! placeholder that could not be carried over and whose own text does not read alone, or
+//! any problem at all in the result.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::items::{self, Split, VhostItem};
+use super::raw::{RawCluster, RawVirtualHost, ReadFrom};
+use super::{validate, xds::Dynamic, ConfigErrors, RawConfig};
+use crate::router::{Action, ClusterRef, VirtualHost};
+use crate::snapshot::Snapshot;
+
+/// [`super::parse_with`], reusing what `current` already runs where it can.
+pub fn parse(
+    text: &str,
+    file: &str,
+    dynamic: Option<&Dynamic>,
+    current: &Snapshot,
+) -> Result<RawConfig, ConfigErrors> {
+    match incremental(text, dynamic, current) {
+        Some(raw) => Ok(raw),
+        None => super::parse_with(text, file, dynamic),
+    }
+}
+
+/// The placeholder a reused virtual host's lines are replaced with in the skeleton.
+const PLACEHOLDER: &str = "- {name: \"\", domains: []}\n";
+
+fn incremental(text: &str, dynamic: Option<&Dynamic>, current: &Snapshot) -> Option<RawConfig> {
+    let split = items::virtual_hosts(text)?;
+    let running: HashSet<u64> = current
+        .route_tables()
+        .flat_map(|t| t.virtual_hosts().iter().map(|v| v.source))
+        .collect();
+    let reused: Vec<&VhostItem> = split
+        .items
+        .iter()
+        .filter(|i| running.contains(&i.key))
+        .collect();
+    if reused.is_empty() {
+        return None;
+    }
+    let mut raw: RawConfig = serde_yaml_ng::from_str(&skeleton(text, &reused)).ok()?;
+    if !agrees(&raw, &split) {
+        return None;
+    }
+    let static_route_configs = raw.route_configs.len();
+    if let Some(d) = dynamic {
+        super::add_dynamic(&mut raw, d);
+    }
+    let clusters: HashMap<&str, &RawCluster> =
+        raw.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+    let mut filled = Vec::with_capacity(split.items.len());
+    for item in &split.items {
+        let rc = &raw.route_configs[item.route_config];
+        let vhost = if running.contains(&item.key) {
+            let carried = current
+                .route_table(&rc.name)
+                .and_then(|t| t.virtual_hosts().iter().find(|v| v.source == item.key))
+                .filter(|v| carried_over(v, &clusters, current));
+            match carried {
+                Some(v) => placeholder(v, item.key),
+                None => read_alone(text, item)?,
+            }
+        } else {
+            let mut vh = rc.virtual_hosts[item.index].clone();
+            vh.read_from.text_key = Some(item.key);
+            vh
+        };
+        filled.push((item.route_config, item.index, vhost));
+    }
+    drop(clusters);
+    for (rc, index, vhost) in filled {
+        raw.route_configs[rc].virtual_hosts[index] = vhost;
+    }
+    let problems = validate::validate(&raw, static_route_configs, validate::TlsFiles::Load);
+    problems.is_empty().then_some(raw)
+}
+
+/// `text` with each reused virtual host's lines replaced by a placeholder item.
+fn skeleton(text: &str, reused: &[&VhostItem]) -> String {
+    let mut out = String::with_capacity(text.len() / 4);
+    let mut at = 0;
+    for item in reused {
+        out.push_str(&text[at..item.range.start]);
+        out.extend(std::iter::repeat_n(' ', item.indent));
+        out.push_str(PLACEHOLDER);
+        at = item.range.end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// Whether the skeleton read as many route configs and virtual hosts as the split found.
+fn agrees(raw: &RawConfig, split: &Split) -> bool {
+    raw.route_configs.len() == split.counts.len()
+        && raw
+            .route_configs
+            .iter()
+            .zip(&split.counts)
+            .all(|(rc, n)| rc.virtual_hosts.len() == *n)
+}
+
+/// Whether compiling will carry `v` over: every cluster it names is kept as it runs (the
+/// same config, the same TLS files), and every one it names that does not exist still does
+/// not. (The rule is `compile`'s.)
+fn carried_over(
+    v: &VirtualHost,
+    clusters: &HashMap<&str, &RawCluster>,
+    current: &Snapshot,
+) -> bool {
+    let same = |r: &ClusterRef| match r {
+        ClusterRef::Known(c) => clusters.get(&*c.name).is_some_and(|raw| {
+            current
+                .clusters
+                .get(&*c.name)
+                .is_some_and(|running| Arc::ptr_eq(running, c))
+                && c.raw == **raw
+                && c.tls_digest == super::compile::tls_digest(raw)
+        }),
+        ClusterRef::Missing(name) => !clusters.contains_key(&**name),
+    };
+    v.routes.iter().all(|r| match &r.action {
+        Action::Cluster(c) => same(c),
+        Action::Weighted(w) => w.clusters.iter().all(same),
+        Action::Direct { .. } => true,
+    })
+}
+
+/// Stands for `v`: its name and domains (for validation), no routes.
+fn placeholder(v: &VirtualHost, key: u64) -> RawVirtualHost {
+    RawVirtualHost {
+        name: v.name.to_string(),
+        domains: v.domains.clone(),
+        routes: Vec::new(),
+        retry_policy: None,
+        authorization: None,
+        read_from: ReadFrom {
+            text_key: Some(key),
+            placeholder: true,
+        },
+    }
+}
+
+/// One virtual host's lines read on their own.
+fn read_alone(text: &str, item: &VhostItem) -> Option<RawVirtualHost> {
+    let mut one: Vec<RawVirtualHost> = serde_yaml_ng::from_str(&text[item.range.clone()]).ok()?;
+    if one.len() != 1 {
+        return None;
+    }
+    let mut vh = one.pop()?;
+    vh.read_from.text_key = Some(item.key);
+    Some(vh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::compile::tests::build;
+    use crate::router::{PathMatch, RouteTable};
+
+    /// Three virtual hosts (`a`, `b`, `c`, each to the cluster of its name); `b`'s prefix and
+    /// weight are given, and cluster `c` may be left out.
+    fn text(prefix_b: &str, weight_b: u32, with_c: bool) -> String {
+        let c = if with_c {
+            "  - { name: c, endpoints: [{ address: 127.0.0.1:4 }] }\n"
+        } else {
+            ""
+        };
+        format!(
+            "listeners:\n  - {{ name: l, address: 127.0.0.1:0, route_config: rc }}\n\
+             route_configs:\n  - name: rc\n    virtual_hosts:\n\
+             \x20     - name: a\n        domains: [a]\n        routes:\n\
+             \x20         - {{ match: {{ prefix: / }}, cluster: a }}\n\
+             \x20     - name: b\n        domains: [b, b.mesh]\n        routes:\n\
+             \x20         - {{ match: {{ prefix: {prefix_b} }}, cluster: b }}\n\
+             \x20     - name: c\n        domains: [c]\n        routes:\n\
+             \x20         - {{ match: {{ prefix: / }}, cluster: c }}\n\
+             clusters:\n\
+             \x20 - {{ name: a, endpoints: [{{ address: 127.0.0.1:2 }}] }}\n\
+             \x20 - {{ name: b, endpoints: [{{ address: 127.0.0.1:3, weight: {weight_b} }}] }}\n{c}"
+        )
+    }
+
+    fn table(s: &Snapshot) -> &Arc<RouteTable> {
+        s.route_table("rc").expect("rc")
+    }
+
+    /// Which virtual hosts were read as placeholders.
+    fn placeholders(raw: &RawConfig) -> Vec<&str> {
+        raw.route_configs[0]
+            .virtual_hosts
+            .iter()
+            .filter(|v| v.read_from.placeholder)
+            .map(|v| v.name.as_str())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reload_reads_only_the_virtual_hosts_whose_text_or_clusters_changed() {
+        let first = build(
+            crate::config::parse(&text("/", 1, true), "t.yaml").unwrap(),
+            1,
+            None,
+        );
+
+        // `b`'s route changed: `a` and `c` are not read again, and are carried over.
+        let edited = text("/v2/", 1, true);
+        let raw = incremental(&edited, None, &first).expect("read incrementally");
+        assert_eq!(placeholders(&raw), vec!["a", "c"]);
+        let second = build(raw, 2, Some(&first));
+        let (before, after) = (
+            table(&first).virtual_hosts(),
+            table(&second).virtual_hosts(),
+        );
+        assert!(Arc::ptr_eq(&before[0], &after[0]) && Arc::ptr_eq(&before[2], &after[2]));
+        assert!(!Arc::ptr_eq(&before[1], &after[1]));
+        assert!(matches!(&after[1].routes[0].path, PathMatch::Prefix(p) if p == "/v2/"));
+        assert_eq!(after[1].domains, vec!["b", "b.mesh"]);
+        // It routes as the whole read would.
+        let whole = build(crate::config::parse(&edited, "t.yaml").unwrap(), 2, None);
+        for host in ["a", "b", "b.mesh", "c"] {
+            let name = |s: &Snapshot| {
+                table(s)
+                    .virtual_hosts()
+                    .iter()
+                    .position(|v| v.domains.iter().any(|d| d == host))
+            };
+            assert_eq!(name(&second), name(&whole), "{host}");
+        }
+
+        // Cluster `b` changed (a weight): `b`'s unchanged text is read again, as its routes
+        // must point at the new cluster; `a` and `c` are still placeholders.
+        let reweighted = text("/v2/", 2, true);
+        let raw = incremental(&reweighted, None, &second).expect("read incrementally");
+        assert_eq!(placeholders(&raw), vec!["a", "c"]);
+        let third = build(raw, 3, Some(&second));
+        let b = &table(&third).virtual_hosts()[1];
+        let Action::Cluster(ClusterRef::Known(to)) = &b.routes[0].action else {
+            panic!("b routes to a known cluster");
+        };
+        assert!(Arc::ptr_eq(to, &third.clusters["b"]));
+        assert!(!Arc::ptr_eq(to, &second.clusters["b"]));
+
+        // Cluster `c` removed while `c` still routes to it: not read incrementally, and the
+        // whole read says where the problem is.
+        let broken = text("/v2/", 2, false);
+        assert!(incremental(&broken, None, &third).is_none());
+        let errors = parse(&broken, "t.yaml", None, &third).expect_err("unknown cluster");
+        assert!(
+            errors.to_string().starts_with("t.yaml:") && errors.to_string().contains("`c`"),
+            "{errors}"
+        );
+    }
+}
