@@ -60,6 +60,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    remora::memory::keep_big_allocations_apart();
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.log_level.as_deref());
     match cli.command {

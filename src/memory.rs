@@ -18,6 +18,23 @@ pub fn release_freed() {
     }
 }
 
+/// Allocations at least this big get pages of their own (see [`keep_big_allocations_apart`]).
+const OWN_PAGES_FROM: usize = 256 * 1024;
+
+/// Makes glibc give big allocations (the config text, the big vectors of a load) pages of
+/// their own, returned to the OS when freed. By default glibc raises that threshold each
+/// time such a block is freed, up to 32 MiB, after which every reload's texts and vectors
+/// land in the heap among long-lived allocations, leaving holes no trim can return: RSS then
+/// wanders from one reload to the next. Call once, at startup.
+#[allow(unsafe_code)]
+pub fn keep_big_allocations_apart() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, OWN_PAGES_FROM as libc::c_int);
+    }
+}
+
 static PENDING: AtomicBool = AtomicBool::new(false);
 
 /// How long a trim waits, so that a burst of loads (xDS pushes several types in a row) is
