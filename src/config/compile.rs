@@ -163,9 +163,11 @@ fn route_table(
                 "virtual host `{}` stands for one that cannot be carried over",
                 vh.name
             );
+            let in_place = before.and_then(|t| t.virtual_hosts().get(at));
             all_kept &= kept
                 .as_ref()
-                .is_some_and(|k| before.is_some_and(|t| Arc::ptr_eq(k, &t.virtual_hosts()[at])));
+                .zip(in_place)
+                .is_some_and(|(k, old)| Arc::ptr_eq(k, old));
             let compiled = kept.unwrap_or_else(|| {
                 let inherited = vh
                     .retry_policy
@@ -354,6 +356,26 @@ pub(crate) mod tests {
     /// A reload reuses what did not change: clusters and virtual hosts carried over as they
     /// are (the same allocation), the whole table when nothing in it changed; only what a
     /// change touches is built again, and it points at the new cluster.
+    /// A virtual host added in front of the others: they move one place on and are still
+    /// carried over (the check of whether the whole table was kept once indexed the old table
+    /// past its end, and the reload failed as an internal error).
+    #[test]
+    fn a_virtual_host_added_in_front_moves_the_others_along() {
+        let one = build(mesh(1, "/"), 1, None);
+        let mut raw = mesh(1, "/");
+        let mut added = raw.route_configs[0].virtual_hosts[0].clone();
+        added.name = "w".into();
+        added.domains = vec!["w".into()];
+        added.read_from = Default::default();
+        raw.route_configs[0].virtual_hosts.insert(0, added);
+        let two = build(raw, 2, Some(&one));
+        let (before, after) = (vhosts(&one), vhosts(&two));
+        assert_eq!(after.len(), 4);
+        for (old, new) in before.iter().zip(&after[1..]) {
+            assert!(Arc::ptr_eq(old, new), "{} carried over", old.name);
+        }
+    }
+
     #[test]
     fn a_reload_rebuilds_only_what_changed() {
         let one = build(mesh(1, "/"), 1, None);
