@@ -512,7 +512,9 @@ pub fn did_you_mean<'a>(
         .into_iter()
         .map(|c| (edit_distance(word, c), c))
         .filter(|(d, _)| *d <= limit)
-        .min_by_key(|(d, _)| *d)
+        // Ties go to the first in name order: candidates may come from a hash set, and the
+        // same config must get the same hint every time.
+        .min()
         .map(|(_, c)| c.to_string())
 }
 
@@ -559,6 +561,13 @@ pub fn hash_with_files(text: &str, files: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same hint every time, whatever order the candidates come in.
+    #[test]
+    fn ties_in_suggestions_go_to_the_first_name() {
+        assert_eq!(did_you_mean("c4", ["c3", "c1", "c2"]), Some("c1".into()));
+        assert_eq!(did_you_mean("c4", ["c2", "c3", "c1"]), Some("c1".into()));
+    }
 
     #[test]
     fn suggests_close_names_only() {
