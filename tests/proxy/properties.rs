@@ -382,3 +382,204 @@ fn fuzz_regressions_stay_fixed() {
         dir.display()
     );
 }
+
+/// A mesh model for the incremental reload property: virtual hosts (name, domains, prefix,
+/// cluster, written in block or flow style) and clusters (name, weight).
+#[derive(Clone)]
+struct Mesh {
+    vhosts: Vec<(String, Vec<String>, String, String, bool)>,
+    clusters: Vec<(String, u32)>,
+    route_config: String,
+}
+
+impl Mesh {
+    fn text(&self, rng: &mut fastrand::Rng) -> String {
+        let mut t =
+            String::from("listeners:\n  - { name: l, address: 127.0.0.1:0, route_config: rc }\n");
+        t.push_str("route_configs:\n  - name: rc\n    virtual_hosts:\n");
+        for (name, domains, prefix, cluster, flow) in &self.vhosts {
+            if rng.u8(..10) == 0 {
+                t.push_str("      # a comment\n\n");
+            }
+            let domains = domains.join(", ");
+            if *flow {
+                t.push_str(&format!(
+                    "      - {{ name: {name}, domains: [{domains}], routes: [{{ match: {{ prefix: {prefix} }}, cluster: {cluster} }}] }}\n"
+                ));
+            } else {
+                t.push_str(&format!(
+                    "      - name: {name}\n        domains: [{domains}]\n        routes:\n          - match: {{ prefix: {prefix} }}\n            cluster: {cluster}\n"
+                ));
+            }
+        }
+        if self.route_config != "rc" {
+            t.push_str(&format!(
+                "  - name: {}\n    virtual_hosts:\n      - {{ name: other, domains: [other], routes: [{{ match: {{ prefix: / }}, cluster: c0 }}] }}\n",
+                self.route_config
+            ));
+        }
+        t.push_str("clusters:\n");
+        for (name, weight) in &self.clusters {
+            t.push_str(&format!(
+                "  - {{ name: {name}, endpoints: [{{ address: \"127.0.0.1:9\", weight: {weight} }}] }}\n"
+            ));
+        }
+        t
+    }
+
+    /// One random edit; some make the config invalid (an unknown cluster, a duplicate domain).
+    fn edit(&mut self, rng: &mut fastrand::Rng) {
+        let n = self.vhosts.len();
+        let c = self.clusters.len();
+        match rng.u8(..9) {
+            0 if n > 0 => self.vhosts[rng.usize(..n)].2 = format!("/p{}/", rng.u8(..5)),
+            1 if c > 0 => self.clusters[rng.usize(..c)].1 = rng.u32(1..4),
+            2 if n > 0 => self.vhosts[rng.usize(..n)].3 = format!("c{}", rng.usize(..c + 1)),
+            3 if n > 1 => {
+                self.vhosts.remove(rng.usize(..n));
+            }
+            4 => {
+                let i = rng.u16(..);
+                self.vhosts.insert(
+                    rng.usize(..=n),
+                    (
+                        format!("v{i}"),
+                        vec![format!("d{i}")],
+                        "/".into(),
+                        "c0".into(),
+                        rng.bool(),
+                    ),
+                );
+            }
+            5 if n > 1 => self.vhosts.swap(rng.usize(..n), rng.usize(..n)),
+            6 if n > 1 => {
+                let d = self.vhosts[rng.usize(..n)].1[0].clone();
+                self.vhosts[rng.usize(..n)].1.push(d);
+            }
+            7 if c > 1 => {
+                self.clusters.remove(rng.usize(1..c));
+            }
+            8 => {
+                self.route_config = if self.route_config == "rc" {
+                    "rc2".into()
+                } else {
+                    "rc".into()
+                }
+            }
+            _ => self.clusters.push((format!("c{c}"), 1)),
+        }
+    }
+}
+
+/// What a snapshot routes: per route table, per virtual host, its name, domains and routes,
+/// each route's cluster marked as the one `running` runs or a new one.
+fn routing(s: &remora::snapshot::Snapshot, running: &remora::snapshot::Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in ["rc", "rc2"] {
+        let Some(t) = s.route_table(name) else {
+            continue;
+        };
+        for v in t.virtual_hosts() {
+            let routes: Vec<String> = v
+                .routes
+                .iter()
+                .map(|r| {
+                    let path = match &r.path {
+                        remora::router::PathMatch::Prefix(p) => p.clone(),
+                        remora::router::PathMatch::Exact(p) => format!("={p}"),
+                        remora::router::PathMatch::Regex(r) => format!("~{}", r.as_str()),
+                    };
+                    let to = match r.action.pick_cluster() {
+                        Some(Ok(c)) => {
+                            let same = running
+                                .clusters
+                                .get(&*c.name)
+                                .is_some_and(|r| std::sync::Arc::ptr_eq(r, c));
+                            format!("{} ({})", c.name, if same { "running" } else { "new" })
+                        }
+                        Some(Err(missing)) => format!("missing {missing}"),
+                        None => "direct".into(),
+                    };
+                    format!("{} {path} -> {to}", r.name)
+                })
+                .collect();
+            out.push(format!("{name}/{} {:?} {routes:?}", v.name, v.domains));
+        }
+    }
+    out
+}
+
+/// A reload that reads only what changed (`config::reuse`) ends as the whole read would: the
+/// same answer (accepted, or the same errors), and, compiled after the same running config,
+/// the same routing, down to which running cluster each route reaches.
+#[tokio::test]
+async fn an_incremental_reload_routes_as_the_whole_read_would() {
+    use remora::config::compile::{compile, Origin};
+    let mut rng = rng();
+    let metrics = remora::metrics::Metrics::new();
+    let build = |raw, version, previous: Option<&remora::snapshot::Snapshot>| {
+        let origin = Origin {
+            version,
+            source: "t".into(),
+            hash: version.to_string(),
+            written: remora::config::Written::text(""),
+        };
+        compile(raw, origin, &metrics, previous)
+    };
+    let mut mesh = Mesh {
+        vhosts: (0..8)
+            .map(|i| {
+                (
+                    format!("v{i}"),
+                    vec![format!("d{i}")],
+                    "/".into(),
+                    format!("c{}", i % 3),
+                    i % 2 == 0,
+                )
+            })
+            .collect(),
+        clusters: (0..4).map(|i| (format!("c{i}"), 1)).collect(),
+        route_config: "rc".into(),
+    };
+    let first = mesh.text(&mut rng);
+    let mut current = build(remora::config::parse(&first, "t.yaml").unwrap(), 1, None);
+    let mut version = 1;
+    let mut incremental = 0;
+    for step in 0..400 {
+        let before = mesh.clone();
+        mesh.edit(&mut rng);
+        let text = mesh.text(&mut rng);
+        let whole = remora::config::parse(&text, "t.yaml");
+        let reused = remora::config::reuse::parse(&text, "t.yaml", None, &current);
+        match (whole, reused) {
+            (Err(w), Err(r)) => {
+                assert_eq!(w, r, "step {step}:\n{text}");
+                mesh = before;
+            }
+            (Ok(w), Ok(r)) => {
+                incremental += r
+                    .route_configs
+                    .iter()
+                    .flat_map(|rc| &rc.virtual_hosts)
+                    .filter(|v| v.read_from.placeholder)
+                    .count();
+                version += 1;
+                let from_whole = build(w, version, Some(&current));
+                let from_reused = build(r, version, Some(&current));
+                assert_eq!(
+                    routing(&from_whole, &current),
+                    routing(&from_reused, &current),
+                    "step {step}:\n{text}"
+                );
+                current = from_reused;
+            }
+            (w, r) => {
+                panic!("step {step}: the whole read says {w:?}, the incremental one {r:?}:\n{text}")
+            }
+        }
+    }
+    assert!(
+        incremental > 400,
+        "only {incremental} virtual hosts were reused"
+    );
+}
