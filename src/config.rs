@@ -211,14 +211,20 @@ fn read(
     // The common case first: the text straight into the schema, with no YAML tree, no
     // copy of it and no source map (for a big mesh they cost several times the config).
     // Only a config with problems pays for locating them.
-    let (mut raw, source) = match serde_yaml_ng::from_str::<RawConfig>(text) {
+    // Item by item where the text allows, so that each virtual host is known by its text
+    // on the next reload (`reuse`); else whole.
+    let direct = || {
+        items::read_whole(text)
+            .ok_or(())
+            .or_else(|_| serde_yaml_ng::from_str::<RawConfig>(text).map_err(|_| ()))
+    };
+    let (mut raw, source) = match direct() {
         Ok(raw) => (raw, None),
-        Err(_) => {
+        Err(()) => {
             let (raw, source) = schema_via_tree(text, at, files)?;
             (raw, Some(source))
         }
     };
-    items::attach_text_keys(&mut raw, text);
     let statics = [
         raw.listeners.len(),
         raw.route_configs.len(),
@@ -366,9 +372,17 @@ fn schema_via_tree(
 /// `Err` names the difference. For the property test over mutated configs.
 #[doc(hidden)]
 pub fn direct_and_tree_agree(text: &str) -> Result<(), String> {
+    let by_items = items::read_whole(text);
     let Ok(direct) = serde_yaml_ng::from_str::<RawConfig>(text) else {
-        return Ok(()); // the tree path decides alone
+        // The tree path decides alone, if reading item by item refuses too.
+        return match by_items {
+            Some(_) => Err("reading item by item accepted what reading whole refuses".into()),
+            None => Ok(()),
+        };
     };
+    if by_items.is_some_and(|b| b != direct) {
+        return Err("reading item by item gives another config than reading whole".into());
+    }
     let at = |pos: Option<Pos>, path: &[Seg], message: String, did_you_mean: Option<String>| {
         ConfigError {
             file: "<tree>".into(),

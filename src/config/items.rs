@@ -9,6 +9,8 @@
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
 
+use super::raw::RawVirtualHost;
+
 /// One virtual host's lines in the text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostItem {
@@ -198,26 +200,62 @@ pub fn virtual_hosts(text: &str) -> Option<Split> {
     Some(split)
 }
 
-/// Marks each static virtual host of `raw`, read from `text`, with the key of its text, when
-/// the text splits and the split agrees with what was read.
-pub fn attach_text_keys(raw: &mut super::RawConfig, text: &str) {
-    let Some(split) = virtual_hosts(text) else {
-        return;
-    };
-    let agrees = split.counts.len() == raw.route_configs.len()
-        && split
-            .counts
+/// The name a skeleton's stand-in for item `n` has.
+fn marker(n: usize) -> String {
+    format!("\u{1}remora item {n}")
+}
+
+/// `text` with every virtual host's lines replaced by a one-line stand-in, read; `None`
+/// unless each stand-in reads as the virtual host the split says it is (then no item began
+/// or ended inside a quoted scalar or a flow collection, where indentation is not checked).
+pub fn skeleton(text: &str, split: &Split) -> Option<super::RawConfig> {
+    let mut out = String::with_capacity(text.len() / 4);
+    let mut at = 0;
+    for (n, item) in split.items.iter().enumerate() {
+        out.push_str(&text[at..item.range.start]);
+        out.extend(std::iter::repeat_n(' ', item.indent));
+        out.push_str(&format!(
+            "- {{name: \"\\x01remora item {n}\", domains: []}}\n"
+        ));
+        at = item.range.end;
+    }
+    out.push_str(&text[at..]);
+    let raw: super::RawConfig = serde_yaml_ng::from_str(&out).ok()?;
+    let counts_agree = raw.route_configs.len() == split.counts.len()
+        && raw
+            .route_configs
             .iter()
-            .zip(&raw.route_configs)
-            .all(|(n, rc)| *n == rc.virtual_hosts.len());
-    if !agrees {
-        return;
+            .zip(&split.counts)
+            .all(|(rc, n)| rc.virtual_hosts.len() == *n);
+    let in_place = counts_agree
+        && split.items.iter().enumerate().all(|(n, item)| {
+            let vh = &raw.route_configs[item.route_config].virtual_hosts[item.index];
+            vh.name == marker(n) && vh.routes.is_empty()
+        });
+    in_place.then_some(raw)
+}
+
+/// One virtual host's lines read on their own, marked with their key.
+pub fn read_alone(text: &str, item: &VhostItem) -> Option<RawVirtualHost> {
+    let mut one: Vec<RawVirtualHost> = serde_yaml_ng::from_str(&text[item.range.clone()]).ok()?;
+    if one.len() != 1 {
+        return None;
     }
-    for item in split.items {
-        raw.route_configs[item.route_config].virtual_hosts[item.index]
-            .read_from
-            .text_key = Some(item.key);
+    let mut vh = one.pop()?;
+    vh.read_from.text_key = Some(item.key);
+    Some(vh)
+}
+
+/// Reads `text` item by item: the skeleton, then each virtual host on its own, so that each
+/// is marked with the key of the text it was read from. `None` when the text does not split
+/// or a piece does not read; the caller then reads it whole.
+pub fn read_whole(text: &str) -> Option<super::RawConfig> {
+    let split = virtual_hosts(text)?;
+    let mut raw = skeleton(text, &split)?;
+    for item in &split.items {
+        raw.route_configs[item.route_config].virtual_hosts[item.index] = read_alone(text, item)?;
     }
+    Some(raw)
 }
 
 #[cfg(test)]

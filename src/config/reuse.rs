@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::items::{self, Split, VhostItem};
+use super::items;
 use super::raw::{RawCluster, RawVirtualHost, ReadFrom};
 use super::{validate, xds::Dynamic, ConfigErrors, RawConfig};
 use crate::router::{Action, ClusterRef, VirtualHost};
@@ -30,49 +30,39 @@ pub fn parse(
     }
 }
 
-/// The placeholder a reused virtual host's lines are replaced with in the skeleton.
-const PLACEHOLDER: &str = "- {name: \"\", domains: []}\n";
-
 fn incremental(text: &str, dynamic: Option<&Dynamic>, current: &Snapshot) -> Option<RawConfig> {
     let split = items::virtual_hosts(text)?;
     let running: HashSet<u64> = current
         .route_tables()
         .flat_map(|t| t.virtual_hosts().iter().map(|v| v.source))
         .collect();
-    let reused: Vec<&VhostItem> = split
-        .items
-        .iter()
-        .filter(|i| running.contains(&i.key))
-        .collect();
-    if reused.is_empty() {
+    if !split.items.iter().any(|i| running.contains(&i.key)) {
         return None;
     }
-    let mut raw: RawConfig = serde_yaml_ng::from_str(&skeleton(text, &reused)).ok()?;
-    if !agrees(&raw, &split) {
-        return None;
-    }
+    let mut raw = items::skeleton(text, &split)?;
     let static_route_configs = raw.route_configs.len();
     if let Some(d) = dynamic {
         super::add_dynamic(&mut raw, d);
     }
     let clusters: HashMap<&str, &RawCluster> =
         raw.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+    // Whether each cluster is carried over, decided once (TLS files are read for it).
+    let mut kept: HashMap<Arc<str>, bool> = HashMap::new();
+    let mut running_by_key: HashMap<(&str, u64), &Arc<VirtualHost>> = HashMap::new();
+    for t in current.route_tables() {
+        for v in t.virtual_hosts() {
+            running_by_key.insert((&*t.name, v.source), v);
+        }
+    }
     let mut filled = Vec::with_capacity(split.items.len());
     for item in &split.items {
-        let rc = &raw.route_configs[item.route_config];
-        let vhost = if running.contains(&item.key) {
-            let carried = current
-                .route_table(&rc.name)
-                .and_then(|t| t.virtual_hosts().iter().find(|v| v.source == item.key))
-                .filter(|v| carried_over(v, &clusters, current));
-            match carried {
-                Some(v) => placeholder(v, item.key),
-                None => read_alone(text, item)?,
-            }
-        } else {
-            let mut vh = rc.virtual_hosts[item.index].clone();
-            vh.read_from.text_key = Some(item.key);
-            vh
+        let rc = raw.route_configs[item.route_config].name.as_str();
+        let carried = running_by_key
+            .get(&(rc, item.key))
+            .filter(|v| carried_over(v, &clusters, &mut kept, current));
+        let vhost = match carried {
+            Some(v) => placeholder(v, item.key),
+            None => items::read_alone(text, item)?,
         };
         filled.push((item.route_config, item.index, vhost));
     }
@@ -84,52 +74,31 @@ fn incremental(text: &str, dynamic: Option<&Dynamic>, current: &Snapshot) -> Opt
     problems.is_empty().then_some(raw)
 }
 
-/// `text` with each reused virtual host's lines replaced by a placeholder item.
-fn skeleton(text: &str, reused: &[&VhostItem]) -> String {
-    let mut out = String::with_capacity(text.len() / 4);
-    let mut at = 0;
-    for item in reused {
-        out.push_str(&text[at..item.range.start]);
-        out.extend(std::iter::repeat_n(' ', item.indent));
-        out.push_str(PLACEHOLDER);
-        at = item.range.end;
-    }
-    out.push_str(&text[at..]);
-    out
-}
-
-/// Whether the skeleton read as many route configs and virtual hosts as the split found.
-fn agrees(raw: &RawConfig, split: &Split) -> bool {
-    raw.route_configs.len() == split.counts.len()
-        && raw
-            .route_configs
-            .iter()
-            .zip(&split.counts)
-            .all(|(rc, n)| rc.virtual_hosts.len() == *n)
-}
-
 /// Whether compiling will carry `v` over: every cluster it names is kept as it runs (the
 /// same config, the same TLS files), and every one it names that does not exist still does
-/// not. (The rule is `compile`'s.)
+/// not. (The rule is `compile`'s.) `kept` remembers the answer for each cluster.
 fn carried_over(
     v: &VirtualHost,
     clusters: &HashMap<&str, &RawCluster>,
+    kept: &mut HashMap<Arc<str>, bool>,
     current: &Snapshot,
 ) -> bool {
-    let same = |r: &ClusterRef| match r {
-        ClusterRef::Known(c) => clusters.get(&*c.name).is_some_and(|raw| {
-            current
-                .clusters
-                .get(&*c.name)
-                .is_some_and(|running| Arc::ptr_eq(running, c))
-                && c.raw == **raw
-                && c.tls_digest == super::compile::tls_digest(raw)
+    let mut same = |r: &ClusterRef| match r {
+        ClusterRef::Known(c) => *kept.entry(c.name.clone()).or_insert_with(|| {
+            clusters.get(&*c.name).is_some_and(|raw| {
+                current
+                    .clusters
+                    .get(&*c.name)
+                    .is_some_and(|running| Arc::ptr_eq(running, c))
+                    && c.raw == **raw
+                    && c.tls_digest == super::compile::tls_digest(raw)
+            })
         }),
         ClusterRef::Missing(name) => !clusters.contains_key(&**name),
     };
     v.routes.iter().all(|r| match &r.action {
         Action::Cluster(c) => same(c),
-        Action::Weighted(w) => w.clusters.iter().all(same),
+        Action::Weighted(w) => w.clusters.iter().all(&mut same),
         Action::Direct { .. } => true,
     })
 }
@@ -147,17 +116,6 @@ fn placeholder(v: &VirtualHost, key: u64) -> RawVirtualHost {
             placeholder: true,
         },
     }
-}
-
-/// One virtual host's lines read on their own.
-fn read_alone(text: &str, item: &VhostItem) -> Option<RawVirtualHost> {
-    let mut one: Vec<RawVirtualHost> = serde_yaml_ng::from_str(&text[item.range.clone()]).ok()?;
-    if one.len() != 1 {
-        return None;
-    }
-    let mut vh = one.pop()?;
-    vh.read_from.text_key = Some(item.key);
-    Some(vh)
 }
 
 #[cfg(test)]
@@ -201,6 +159,45 @@ mod tests {
             .filter(|v| v.read_from.placeholder)
             .map(|v| v.name.as_str())
             .collect()
+    }
+
+    /// Found in review: indentation is not checked inside a quoted scalar, so a line of a
+    /// multi-line string can look like a virtual host's first line (and another like the end
+    /// of the list). Such a text is read whole, and the reload answers as the text says.
+    #[tokio::test]
+    async fn a_string_that_looks_like_items_does_not_split_the_text() {
+        let mesh = |prefix: &str, body: &str| {
+            format!(
+                "listeners: [{{name: l, address: 127.0.0.1:1, route_config: rc}}]\n\
+                 route_configs:\n  - name: rc\n    virtual_hosts:\n\
+                 \x20     - name: a\n        domains: [a]\n        routes:\n\
+                 \x20         - match: {{prefix: {prefix}}}\n\
+                 \x20           direct_response:\n\
+                 \x20             status: 200\n\
+                 \x20             body: 'Try:\n\
+                 \x20     - /v1/orders\n\
+                 \x20   or ask ops.'\n\
+                 \x20     - name: b\n        domains: [b]\n        routes:\n\
+                 \x20         - {{match: {{prefix: /}}, direct_response: {{status: 200, body: {body}}}}}\n"
+            )
+        };
+        let bodies = |s: &Snapshot| -> Vec<String> {
+            table(s)
+                .virtual_hosts()
+                .iter()
+                .map(|v| match &v.routes[0].action {
+                    Action::Direct { body, .. } => String::from_utf8_lossy(body).into_owned(),
+                    _ => panic!("a direct response"),
+                })
+                .collect()
+        };
+        let old = mesh("/", "old");
+        let first = build(crate::config::parse(&old, "t.yaml").unwrap(), 1, None);
+        assert_eq!(bodies(&first), ["Try: - /v1/orders or ask ops.", "old"]);
+        let new = mesh("/v2/", "new");
+        let raw = parse(&new, "t.yaml", None, &first).unwrap();
+        let second = build(raw, 2, Some(&first));
+        assert_eq!(bodies(&second), ["Try: - /v1/orders or ask ops.", "new"]);
     }
 
     #[tokio::test]
