@@ -67,7 +67,8 @@ pub fn compile(
         .iter()
         .map(|rc| {
             let before = previous.and_then(|p| p.route_table(&rc.name));
-            (rc.name.clone(), route_table(rc, &clusters, before))
+            let text = &origin.written.text;
+            (rc.name.clone(), route_table(rc, &clusters, before, text))
         })
         .collect();
     let listeners = raw.listeners.iter().map(|l| listener(l, metrics)).collect();
@@ -133,11 +134,12 @@ fn listener(l: &RawListener, metrics: &Metrics) -> ListenerSettings {
 /// Compiles a route config. A virtual host whose config is unchanged from `before`'s, and
 /// whose clusters are the same ones, is carried over as it is; when every one is, so is the
 /// table. A reload that changes one cluster or one virtual host of a big mesh thus rebuilds
-/// only the virtual hosts it touches.
+/// only the virtual hosts it touches. `text` is the config text placeholders were read from.
 fn route_table(
     rc: &RawRouteConfig,
     clusters: &BTreeMap<String, Arc<Cluster>>,
     before: Option<&Arc<RouteTable>>,
+    text: &str,
 ) -> Arc<RouteTable> {
     let old: HashMap<u64, &Arc<VirtualHost>> = before
         .map(|t| t.virtual_hosts().iter().map(|v| (v.source, v)).collect())
@@ -157,12 +159,18 @@ fn route_table(
                 .get(&source)
                 .filter(|v| v.resolves_as_before(known))
                 .map(|v| Arc::clone(v));
-            // `config::reuse` makes a placeholder only where it checked this would hold.
-            assert!(
-                kept.is_some() || !vh.read_from.placeholder,
-                "virtual host `{}` stands for one that cannot be carried over",
-                vh.name
-            );
+            // A placeholder is made only where `config::reuse` saw the running host would be
+            // carried over; if a cluster changed since (a TLS file rotated meanwhile), its
+            // lines are read now.
+            let read_now;
+            let vh = match vh.read_from.placeholder {
+                Some((from, to)) if kept.is_none() => {
+                    read_now = super::items::read_lines(&text[from..to], source)
+                        .expect("a placeholder's lines read on their own");
+                    &read_now
+                }
+                _ => vh,
+            };
             let in_place = before.and_then(|t| t.virtual_hosts().get(at));
             all_kept &= kept
                 .as_ref()

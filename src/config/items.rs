@@ -237,12 +237,17 @@ pub fn skeleton(text: &str, split: &Split) -> Option<super::RawConfig> {
 
 /// One virtual host's lines read on their own, marked with their key.
 pub fn read_alone(text: &str, item: &VhostItem) -> Option<RawVirtualHost> {
-    let mut one: Vec<RawVirtualHost> = serde_yaml_ng::from_str(&text[item.range.clone()]).ok()?;
+    read_lines(&text[item.range.clone()], item.key)
+}
+
+/// A virtual host's lines (a one-item block sequence) read on their own, marked with `key`.
+pub fn read_lines(lines: &str, key: u64) -> Option<RawVirtualHost> {
+    let mut one: Vec<RawVirtualHost> = serde_yaml_ng::from_str(lines).ok()?;
     if one.len() != 1 {
         return None;
     }
     let mut vh = one.pop()?;
-    vh.read_from.text_key = Some(item.key);
+    vh.read_from.text_key = Some(key);
     Some(vh)
 }
 

@@ -249,8 +249,9 @@ pub struct ReadFrom {
     /// reload finds the compiled virtual host of the same text by it.
     pub text_key: Option<u64>,
     /// It stands for the virtual host of the same text in the running config, whose routes
-    /// were not read again (only its name and domains are here, for validation).
-    pub placeholder: bool,
+    /// were not read again (only its name and domains are here, for validation); its lines
+    /// are at this byte range of the config text, should it have to be read after all.
+    pub placeholder: Option<(usize, usize)>,
 }
 
 impl PartialEq for ReadFrom {

@@ -61,7 +61,7 @@ fn incremental(text: &str, dynamic: Option<&Dynamic>, current: &Snapshot) -> Opt
             .get(&(rc, item.key))
             .filter(|v| carried_over(v, &clusters, &mut kept, current));
         let vhost = match carried {
-            Some(v) => placeholder(v, item.key),
+            Some(v) => placeholder(v, item),
             None => items::read_alone(text, item)?,
         };
         filled.push((item.route_config, item.index, vhost));
@@ -103,8 +103,8 @@ fn carried_over(
     })
 }
 
-/// Stands for `v`: its name and domains (for validation), no routes.
-fn placeholder(v: &VirtualHost, key: u64) -> RawVirtualHost {
+/// Stands for `v`, read from `item`: its name and domains (for validation), no routes.
+fn placeholder(v: &VirtualHost, item: &items::VhostItem) -> RawVirtualHost {
     RawVirtualHost {
         name: v.name.to_string(),
         domains: v.domains.clone(),
@@ -112,8 +112,8 @@ fn placeholder(v: &VirtualHost, key: u64) -> RawVirtualHost {
         retry_policy: None,
         authorization: None,
         read_from: ReadFrom {
-            text_key: Some(key),
-            placeholder: true,
+            text_key: Some(item.key),
+            placeholder: Some((item.range.start, item.range.end)),
         },
     }
 }
@@ -156,9 +156,48 @@ mod tests {
         raw.route_configs[0]
             .virtual_hosts
             .iter()
-            .filter(|v| v.read_from.placeholder)
+            .filter(|v| v.read_from.placeholder.is_some())
             .map(|v| v.name.as_str())
             .collect()
+    }
+
+    /// A placeholder whose cluster changed after `reuse` looked (a TLS file rotated between
+    /// the two steps) is read from its lines when compiled, and points at the new cluster
+    /// (compiling once failed the reload on an assertion).
+    #[tokio::test]
+    async fn a_placeholder_whose_cluster_changed_meanwhile_is_read_when_compiled() {
+        let first = build(
+            crate::config::parse(&text("/", 1, true), "t.yaml").unwrap(),
+            1,
+            None,
+        );
+        let edited = text("/v2/", 1, true);
+        let mut raw = incremental(&edited, None, &first).expect("read incrementally");
+        assert_eq!(placeholders(&raw), vec!["a", "c"]);
+        // Cluster `a` changes under the placeholder for `a`.
+        raw.clusters[0].endpoints[0].weight = Some(5);
+        let origin = crate::config::compile::Origin {
+            version: 2,
+            source: "t".into(),
+            hash: "2".into(),
+            written: crate::config::Written::text(&edited),
+        };
+        let second = crate::config::compile::compile(
+            raw,
+            origin,
+            &crate::metrics::Metrics::new(),
+            Some(&first),
+        );
+        let a = &table(&second).virtual_hosts()[0];
+        let Action::Cluster(ClusterRef::Known(to)) = &a.routes[0].action else {
+            panic!("a routes to a known cluster");
+        };
+        assert!(Arc::ptr_eq(to, &second.clusters["a"]));
+        assert!(!Arc::ptr_eq(to, &first.clusters["a"]));
+        assert!(Arc::ptr_eq(
+            &table(&first).virtual_hosts()[2],
+            &table(&second).virtual_hosts()[2]
+        ));
     }
 
     /// Found in review: indentation is not checked inside a quoted scalar, so a line of a

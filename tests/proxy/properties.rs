@@ -561,7 +561,7 @@ async fn an_incremental_reload_routes_as_the_whole_read_would() {
                     .route_configs
                     .iter()
                     .flat_map(|rc| &rc.virtual_hosts)
-                    .filter(|v| v.read_from.placeholder)
+                    .filter(|v| v.read_from.placeholder.is_some())
                     .count();
                 version += 1;
                 let from_whole = build(w, version, Some(&current));
