@@ -220,18 +220,17 @@ async fn config(state: Arc<AdminState>) -> Response<Body> {
     let _one_at_a_time = READING.lock().await;
     let snap = state.store.load();
     let written = snap.written.clone();
-    let shown =
-        match tokio::task::spawn_blocking(move || crate::config::shown::render(&written)).await {
-            Ok(Ok(shown)) => shown,
-            Ok(Err(e)) => {
-                let message = format!("cannot show the config in force: {e}\n");
-                return text(StatusCode::INTERNAL_SERVER_ERROR, message);
-            }
-            Err(e) => {
-                let message = format!("cannot show the config in force: {e}\n");
-                return text(StatusCode::INTERNAL_SERVER_ERROR, message);
-            }
-        };
+    let rendered = tokio::task::spawn_blocking(move || crate::config::shown::render(&written))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let shown = match rendered {
+        Ok(shown) => shown,
+        Err(e) => {
+            let message = format!("cannot show the config in force: {e}\n");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, message);
+        }
+    };
     let last_rejected = state.last_rejected.lock().expect("admin lock").clone();
     let xds_versions = state.xds_versions.lock().expect("admin lock").clone();
     json_response(&ConfigView {

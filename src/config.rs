@@ -213,14 +213,10 @@ fn read(
     // Only a config with problems pays for locating them.
     // Item by item where the text allows, so that each virtual host is known by its text
     // on the next reload (`reuse`); else whole.
-    let direct = || {
-        items::read_whole(text)
-            .ok_or(())
-            .or_else(|_| serde_yaml_ng::from_str::<RawConfig>(text).map_err(|_| ()))
-    };
-    let (mut raw, source) = match direct() {
-        Ok(raw) => (raw, None),
-        Err(()) => {
+    let direct = items::read_whole(text).or_else(|| serde_yaml_ng::from_str(text).ok());
+    let (mut raw, source) = match direct {
+        Some(raw) => (raw, None),
+        None => {
             let (raw, source) = schema_via_tree(text, at, files)?;
             (raw, Some(source))
         }

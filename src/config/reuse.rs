@@ -32,11 +32,15 @@ pub fn parse(
 
 fn incremental(text: &str, dynamic: Option<&Dynamic>, current: &Snapshot) -> Option<RawConfig> {
     let split = items::virtual_hosts(text)?;
-    let running: HashSet<u64> = current
-        .route_tables()
-        .flat_map(|t| t.virtual_hosts().iter().map(|v| v.source))
-        .collect();
-    if !split.items.iter().any(|i| running.contains(&i.key)) {
+    // The running virtual hosts by route config and key.
+    let mut running: HashMap<(&str, u64), &Arc<VirtualHost>> = HashMap::new();
+    for t in current.route_tables() {
+        for v in t.virtual_hosts() {
+            running.insert((&*t.name, v.source), v);
+        }
+    }
+    let keys: HashSet<u64> = running.keys().map(|(_, key)| *key).collect();
+    if !split.items.iter().any(|i| keys.contains(&i.key)) {
         return None;
     }
     let mut raw = items::skeleton(text, &split)?;
@@ -48,16 +52,10 @@ fn incremental(text: &str, dynamic: Option<&Dynamic>, current: &Snapshot) -> Opt
         raw.clusters.iter().map(|c| (c.name.as_str(), c)).collect();
     // Whether each cluster is carried over, decided once (TLS files are read for it).
     let mut kept: HashMap<Arc<str>, bool> = HashMap::new();
-    let mut running_by_key: HashMap<(&str, u64), &Arc<VirtualHost>> = HashMap::new();
-    for t in current.route_tables() {
-        for v in t.virtual_hosts() {
-            running_by_key.insert((&*t.name, v.source), v);
-        }
-    }
     let mut filled = Vec::with_capacity(split.items.len());
     for item in &split.items {
         let rc = raw.route_configs[item.route_config].name.as_str();
-        let carried = running_by_key
+        let carried = running
             .get(&(rc, item.key))
             .filter(|v| carried_over(v, &clusters, &mut kept, current));
         let vhost = match carried {
@@ -147,6 +145,11 @@ mod tests {
         )
     }
 
+    /// The first version, read whole from `text`.
+    fn running(text: &str) -> Snapshot {
+        build(crate::config::parse(text, "t.yaml").unwrap(), 1, None)
+    }
+
     fn table(s: &Snapshot) -> &Arc<RouteTable> {
         s.route_table("rc").expect("rc")
     }
@@ -166,11 +169,7 @@ mod tests {
     /// (compiling once failed the reload on an assertion).
     #[tokio::test]
     async fn a_placeholder_whose_cluster_changed_meanwhile_is_read_when_compiled() {
-        let first = build(
-            crate::config::parse(&text("/", 1, true), "t.yaml").unwrap(),
-            1,
-            None,
-        );
+        let first = running(&text("/", 1, true));
         let edited = text("/v2/", 1, true);
         let mut raw = incremental(&edited, None, &first).expect("read incrementally");
         assert_eq!(placeholders(&raw), vec!["a", "c"]);
@@ -231,7 +230,7 @@ mod tests {
                 .collect()
         };
         let old = mesh("/", "old");
-        let first = build(crate::config::parse(&old, "t.yaml").unwrap(), 1, None);
+        let first = running(&old);
         assert_eq!(bodies(&first), ["Try: - /v1/orders or ask ops.", "old"]);
         let new = mesh("/v2/", "new");
         let raw = parse(&new, "t.yaml", None, &first).unwrap();
@@ -241,11 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reload_reads_only_the_virtual_hosts_whose_text_or_clusters_changed() {
-        let first = build(
-            crate::config::parse(&text("/", 1, true), "t.yaml").unwrap(),
-            1,
-            None,
-        );
+        let first = running(&text("/", 1, true));
 
         // `b`'s route changed: `a` and `c` are not read again, and are carried over.
         let edited = text("/v2/", 1, true);

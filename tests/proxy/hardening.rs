@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use remora::reloader::Outcome;
 
+use crate::raw_http::{StallingUpstream, STALLED_BODY};
 use crate::support::*;
 
 const REMORA: &str = env!("CARGO_BIN_EXE_remora");
@@ -849,24 +850,6 @@ async fn upstream_response_heads_are_bounded_and_malformed_ones_are_502() {
     );
 }
 
-/// An upstream that reads a request, writes `head` and then holds the connection open,
-/// silent, for 30 s (bounded).
-async fn stalling_upstream(head: &'static [u8]) -> u16 {
-    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = socket.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = socket.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(head).await;
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            });
-        }
-    });
-    port
-}
-
 /// `stream_idle_timeout`: a response body that stops after 3 of 100,000 bytes ends the
 /// client's connection once nothing moved for the limit, and the breaker slot comes back
 /// (with `max_requests: 1`, the next request is admitted); an upstream that never answers,
@@ -874,8 +857,8 @@ async fn stalling_upstream(head: &'static [u8]) -> u16 {
 /// to the upstream.
 #[tokio::test]
 async fn a_stream_that_stops_moving_ends_after_stream_idle_timeout() {
-    let stalled = stalling_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nabc").await;
-    let silent = stalling_upstream(b"").await;
+    let stalled = StallingUpstream::start(STALLED_BODY).await.port;
+    let silent = StallingUpstream::start(&b""[..]).await.port;
     let vhosts = "      - name: all\n        domains: [\"*\"]\n        routes:\n\
                   \x20         - { match: { prefix: /stalled }, cluster: stalled }\n\
                   \x20         - { match: { prefix: /silent }, cluster: silent, timeout: 0 }";

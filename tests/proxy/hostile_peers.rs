@@ -517,9 +517,8 @@ impl RawH2 {
         (frames, closed)
     }
 
-    /// Sends `GET path` on stream `id` and waits (up to `LIMIT`) for its response HEADERS:
-    /// proof that the frames these tests build are ones remora takes.
-    async fn answered(&mut self, id: u32, path: &str) -> bool {
+    /// Sends `GET path` on stream `id`; false if the write failed.
+    async fn get(&mut self, id: u32, path: &str) -> bool {
         let mut buf = Vec::new();
         frame(
             &mut buf,
@@ -528,7 +527,13 @@ impl RawH2 {
             id,
             &request_block(path),
         );
-        if self.s.write_all(&buf).await.is_err() {
+        self.s.write_all(&buf).await.is_ok()
+    }
+
+    /// Sends `GET path` on stream `id` and waits (up to `LIMIT`) for its response HEADERS:
+    /// proof that the frames these tests build are ones remora takes.
+    async fn answered(&mut self, id: u32, path: &str) -> bool {
+        if !self.get(id, path).await {
             return false;
         }
         let (frames, _) = self
@@ -668,44 +673,17 @@ async fn under_flood<T: Send + 'static>(
 #[tokio::test]
 async fn an_http2_client_that_withholds_window_loses_its_stream_after_stream_idle_timeout() {
     const BODY: usize = 1 << 20;
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_port = upstream.local_addr().unwrap().port();
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = served.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = upstream.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = [0u8; 4096];
-                let _ = s.read(&mut head).await;
-                let mut answer =
-                    format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
-                answer.resize(answer.len() + BODY, b'x');
-                let _ = s.write_all(&answer).await;
-                // Hold the connection open until remora lets it go.
-                let _ = s.read(&mut head).await;
-            });
-        }
-    });
-    let yaml = format!(
-        "admin: {{ address: 127.0.0.1:0 }}\n\
-         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc, stream_idle_timeout: 500ms }}\n\
-         route_configs:\n  - name: rc\n    virtual_hosts:\n{}\n\
-         clusters:\n{}    circuit_breakers: {{ max_requests: 1 }}\n",
-        one_route("cluster: up, timeout: 0"),
-        cluster("up", &[(up_port, 1)], "")
-    );
-    let p = proxy(&yaml).await;
+    let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n").into_bytes();
+    answer.resize(answer.len() + BODY, b'x');
+    let up = StallingUpstream::start(answer).await;
+    let p = proxy(&stream_idle_config(
+        up.port,
+        "500ms",
+        "    circuit_breakers: { max_requests: 1 }\n",
+    ))
+    .await;
     let (mut conn, _) = RawH2::connect(p.addr).await;
-    let mut buf = Vec::new();
-    frame(
-        &mut buf,
-        HEADERS,
-        END_STREAM | END_HEADERS,
-        1,
-        &request_block("/"),
-    );
-    conn.s.write_all(&buf).await.unwrap();
+    assert!(conn.get(1, "/").await, "the request was not written");
     // The head and the first window's worth of body come; then nothing can.
     let (frames, closed) = conn
         .read_frames(LIMIT, |f| f.kind == HEADERS && f.stream == 1)
@@ -726,47 +704,18 @@ async fn an_http2_client_that_withholds_window_loses_its_stream_after_stream_idl
         answer.header("x-remora-error")
     );
     assert_eq!(answer.body.len(), BODY);
-    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(up.accepted(), 2);
 }
 
 /// An HTTP/2 stream whose upstream stalls after the head is reset at `stream_idle_timeout`,
 /// whichever of the two idle checks (in the body, or the task watching it) sees it first.
 #[tokio::test]
 async fn an_http2_stream_whose_upstream_stalls_is_reset_after_stream_idle_timeout() {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_port = upstream.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let mut head = [0u8; 4096];
-                let _ = s.read(&mut head).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nabc")
-                    .await;
-                let _ = s.read(&mut head).await;
-            });
-        }
-    });
-    let yaml = format!(
-        "admin: {{ address: 127.0.0.1:0 }}\n\
-         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc, stream_idle_timeout: 300ms }}\n\
-         route_configs:\n  - name: rc\n    virtual_hosts:\n{}\n\
-         clusters:\n{}",
-        one_route("cluster: up, timeout: 0"),
-        cluster("up", &[(up_port, 1)], "")
-    );
-    let p = proxy(&yaml).await;
+    let up = StallingUpstream::start(STALLED_BODY).await;
+    let p = proxy(&stream_idle_config(up.port, "300ms", "")).await;
     for round in 0..5 {
         let (mut conn, _) = RawH2::connect(p.addr).await;
-        let mut buf = Vec::new();
-        frame(
-            &mut buf,
-            HEADERS,
-            END_STREAM | END_HEADERS,
-            1,
-            &request_block("/"),
-        );
-        conn.s.write_all(&buf).await.unwrap();
+        assert!(conn.get(1, "/").await, "the request was not written");
         let (frames, _) = conn
             .read_frames(LIMIT, |f| f.kind == RST_STREAM && f.stream == 1)
             .await;
@@ -775,6 +724,19 @@ async fn an_http2_stream_whose_upstream_stalls_is_reset_after_stream_idle_timeou
             "round {round}: the stalled stream was not reset within {LIMIT:?}"
         );
     }
+}
+
+/// One route to the cluster `up` (an upstream on `port`, with `cluster_extra`), the route
+/// timeout off, and the listener's `stream_idle_timeout` at `limit`.
+fn stream_idle_config(port: u16, limit: &str, cluster_extra: &str) -> String {
+    format!(
+        "admin: {{ address: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: main, address: 127.0.0.1:0, route_config: rc, stream_idle_timeout: {limit} }}\n\
+         route_configs:\n  - name: rc\n    virtual_hosts:\n{}\n\
+         clusters:\n{}",
+        one_route("cluster: up, timeout: 0"),
+        cluster("up", &[(port, 1)], cluster_extra)
+    )
 }
 
 // === 2. HTTP/2 floods ===

@@ -3,10 +3,12 @@
 //! chunked, bodiless responses).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 /// One HTTP/1.1 response as read off the wire.
 #[derive(Debug)]
@@ -171,4 +173,42 @@ pub(crate) async fn exchange(addr: SocketAddr, request: &[u8], limit: Duration) 
     // The peer may close before taking every byte: what it answered is still read.
     let _ = s.write_all(request).await;
     read_until(&mut s, limit, |_| false).await
+}
+
+/// A response head promising 100,000 bytes, and the first 3 of them.
+pub(crate) const STALLED_BODY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\nabc";
+
+/// An upstream that reads a request, writes `answer`, then holds the connection open and
+/// silent until remora lets it go (at most 30 s).
+pub(crate) struct StallingUpstream {
+    pub port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl StallingUpstream {
+    pub(crate) async fn start(answer: impl Into<Vec<u8>>) -> StallingUpstream {
+        let answer: Arc<[u8]> = answer.into().into();
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = socket.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(&answer).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+                });
+            }
+        });
+        StallingUpstream { port, accepted }
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
 }
